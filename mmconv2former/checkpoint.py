@@ -1,0 +1,167 @@
+"""Safe loading of checkpoints: the authors' release files and mm checkpoints.
+
+The release's files are timm checkpoints: a dict with ``state_dict``,
+``state_dict_ema`` (optional), ``optimizer``, ``epoch``, ``version``, ``arch``,
+``metric`` and ``args`` (an ``argparse.Namespace``). ``torch.load`` with
+``weights_only=True`` refuses the Namespace; ``weights_only=False`` would run
+whatever a pickle names. We load with ``weights_only=True`` and an explicit
+allow-list of the few globals such files need, so a file naming anything else
+is refused *before* any of it is executed.
+"""
+import argparse
+import os.path as osp
+import pickle
+import re
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+# Globals a release file may name besides tensors and containers. numpy scalars
+# appear when a training script stores a metric computed with numpy.
+RELEASE_SAFE_GLOBALS: List = [argparse.Namespace]
+
+
+def _numpy_scalar_globals() -> List:
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional for loading tensors
+        return []
+    found = [np.dtype]
+    try:  # numpy >= 2 moved the reconstructors to numpy._core
+        from numpy._core.multiarray import scalar
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar
+    found.append(scalar)
+    found += [type(np.dtype(name)) for name in
+              ('float64', 'float32', 'int64', 'int32', 'bool')]
+    return found
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint names a Python global that is not on the allow-list."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the model it is loaded into."""
+
+
+def safe_load(path: str, extra_safe_globals: Sequence = ()) -> dict:
+    """``torch.load`` on CPU that only unpickles allow-listed globals.
+
+    Args:
+        path: a local file.
+        extra_safe_globals: classes or functions to allow besides
+            :data:`RELEASE_SAFE_GLOBALS` (e.g. those mmengine's own
+            checkpoints need for resuming).
+
+    Raises:
+        FileNotFoundError: the path does not exist (the message says so).
+        UnsafeCheckpointError: the file names a global outside the allow-list.
+            Nothing from the file has been executed when this is raised.
+    """
+    if not osp.isfile(path):
+        raise FileNotFoundError(
+            f'checkpoint not found: {path!r}. Check the path; release '
+            'checkpoints are converted with '
+            'tools/model_converters/conv2former_to_mm.py or loaded as they are.')
+    allowed = list(RELEASE_SAFE_GLOBALS) + _numpy_scalar_globals() + list(extra_safe_globals)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as exc:
+        names = re.findall(r'GLOBAL (\S+)', str(exc)) or ['an unsupported global']
+        raise UnsafeCheckpointError(
+            f'refused to load {path!r}: its pickle names {", ".join(names)}, '
+            'which is not on the allow-list of objects a checkpoint may '
+            'contain, so nothing from it was executed. If you made this file '
+            'and trust it, re-save it with only tensors and plain containers '
+            '(e.g. torch.save({"state_dict": sd}, path)).') from None
+
+
+def extract_state_dict(checkpoint: dict, use_ema: bool = False,
+                       prefix: Optional[str] = None) -> 'OrderedDict[str, torch.Tensor]':
+    """Pick the weights out of a release, mm or bare checkpoint.
+
+    Args:
+        checkpoint: what :func:`safe_load` returned.
+        use_ema: take ``state_dict_ema`` from a release file (error if absent).
+        prefix: keep only keys under this prefix and strip it (e.g.
+            ``'backbone.'`` for a detector checkpoint). Without it, a leading
+            ``module.`` (DDP) and ``backbone.`` are stripped where present.
+    """
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}')
+    if use_ema:
+        if 'state_dict_ema' not in checkpoint:
+            raise KeyError('use_ema=True but the checkpoint has no "state_dict_ema" '
+                           f'(keys: {sorted(checkpoint)[:8]}); use use_ema=False')
+        state = checkpoint['state_dict_ema']
+    elif 'state_dict' in checkpoint:
+        state = checkpoint['state_dict']
+    elif 'model' in checkpoint:
+        state = checkpoint['model']
+    else:
+        state = checkpoint
+    out = OrderedDict()
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            continue
+        if key.startswith('module.'):
+            key = key[len('module.'):]
+        if prefix:
+            if not key.startswith(prefix):
+                continue
+            key = key[len(prefix):]
+        elif key.startswith('backbone.'):
+            key = key[len('backbone.'):]
+        out[key] = value
+    if not out:
+        raise KeyError(f'no weights found in the checkpoint (prefix={prefix!r}); '
+                       'check the prefix or the file')
+    return out
+
+
+def infer_arch(state_dict: Dict[str, torch.Tensor]) -> dict:
+    """Read channels, depths and kernel size off a Conv2Former state dict."""
+    try:
+        channels = [int(state_dict['downsample_layers.0.6.weight'].shape[0])]
+        channels += [int(state_dict[f'downsample_layers.{i}.1.weight'].shape[0]) for i in (1, 2, 3)]
+        kernel = int(state_dict['stages.0.0.attn.att.2.weight'].shape[-1])
+    except KeyError as exc:
+        raise CheckpointMismatchError(
+            f'not a Conv2Former checkpoint: key {exc} is missing') from None
+    depths = []
+    for i in range(4):
+        ids = {int(m.group(1)) for k in state_dict
+               for m in [re.match(rf'stages\.{i}\.(\d+)\.', k)] if m}
+        depths.append(max(ids) + 1 if ids else 0)
+    return dict(channels=channels, depths=depths, kernel_size=kernel)
+
+
+def arch_name(arch: dict, table: Dict[str, dict]) -> Optional[str]:
+    """Name of the variant in ``table`` that ``arch`` equals, if any."""
+    for name, settings in table.items():
+        if all(list(settings[k]) == list(arch[k]) if isinstance(settings[k], (list, tuple))
+               else settings[k] == arch[k] for k in ('channels', 'depths', 'kernel_size')):
+            return name
+    return None
+
+
+def check_shapes(model_state: Dict[str, torch.Tensor], ckpt_state: Dict[str, torch.Tensor],
+                 hint: str = '') -> None:
+    """Raise :class:`CheckpointMismatchError` on the first shape mismatch."""
+    for key, value in ckpt_state.items():
+        if key in model_state and model_state[key].shape != value.shape:
+            raise CheckpointMismatchError(
+                f'shape mismatch for {key}: checkpoint {tuple(value.shape)} vs '
+                f'model {tuple(model_state[key].shape)}. {hint}'.rstrip())
+
+
+def split_keys(model_keys: Iterable[str], ckpt_keys: Iterable[str],
+               ignore_prefixes: Tuple[str, ...] = ()) -> Tuple[List[str], List[str]]:
+    """Missing (in model, not in checkpoint) and unexpected keys."""
+    model_keys, ckpt_keys = set(model_keys), set(ckpt_keys)
+    missing = sorted(model_keys - ckpt_keys)
+    unexpected = sorted(k for k in ckpt_keys - model_keys if not k.startswith(ignore_prefixes))
+    return missing, unexpected

@@ -1,0 +1,5 @@
+from .conv2former import Conv2Former, Conv2FormerBlock, ConvMLP, ConvModulation
+from .layers import ConvNHWC, DropPath, LayerNorm2d
+
+__all__ = ['Conv2Former', 'Conv2FormerBlock', 'ConvMLP', 'ConvModulation',
+           'ConvNHWC', 'DropPath', 'LayerNorm2d']

@@ -1,0 +1,434 @@
+"""Conv2Former backbone (Hou et al., "Conv2Former: A Simple Transformer-Style
+ConvNet for Visual Recognition", TPAMI 2024), for mmdet, mmseg and mmpretrain.
+
+Parameter names and shapes follow the authors' release, so their ImageNet
+checkpoints load without renaming. The computation is the release's, laid out
+channels-last (see :mod:`mmconv2former.models.layers` for why).
+"""
+import copy
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+
+from ..checkpoint import (arch_name, check_shapes, extract_state_dict, infer_arch,
+                          safe_load, split_keys)
+from ..registry import register_model
+from .layers import ConvNHWC, DropPath
+
+
+class ConvModulation(nn.Module):
+    """Convolutional modulation: ``proj(DWConv_k(GELU(W_a x)) * W_v x)`` on ``LN(x)``.
+
+    The large-kernel depthwise output acts as the "attention" weights that
+    modulate the value branch elementwise, replacing softmax(QK^T)V.
+    Channels-last in and out. Submodule names match the release
+    (``norm``, ``att.0``, ``att.2``, ``v``, ``proj``).
+    """
+
+    def __init__(self, dim: int, kernel_size: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.att = nn.Sequential(
+            ConvNHWC(dim, dim, 1),
+            nn.GELU(),
+            ConvNHWC(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim),
+        )
+        self.v = ConvNHWC(dim, dim, 1)
+        self.proj = ConvNHWC(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.proj(self.att(x) * self.v(x))
+
+
+class ConvMLP(nn.Module):
+    """LN -> 1x1 (expand) -> GELU -> ``h + GELU(DW3x3(h))`` -> 1x1.
+
+    The 3x3 depthwise residual inside the MLP gives the block positional
+    information (the release calls it ``pos``). Channels-last in and out.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        hidden = dim * mlp_ratio
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = ConvNHWC(dim, hidden, 1)
+        self.pos = ConvNHWC(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc2 = ConvNHWC(hidden, dim, 1)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1(self.norm(x)))
+        x = x + self.act(self.pos(x))
+        return self.fc2(x)
+
+
+class Conv2FormerBlock(nn.Module):
+    """``x + ls1 * ConvMod(x)``, then ``x + ls2 * MLP(x)``, with stochastic depth.
+
+    Layer scales start at 1e-6 (as in the release and ConvNeXt) so that every
+    block starts close to identity, which keeps deep stages (up to 48 blocks)
+    trainable without warm-up tricks. They are stored as ``(C,)`` and broadcast
+    over channels-last data without reshapes.
+    """
+
+    def __init__(self, dim: int, kernel_size: int, mlp_ratio: int = 4,
+                 drop_path: float = 0.0, layer_scale_init_value: float = 1e-6) -> None:
+        super().__init__()
+        self.attn = ConvModulation(dim, kernel_size)
+        self.mlp = ConvMLP(dim, mlp_ratio)
+        self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
+        self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.layer_scale_1 * self.attn(x))
+        x = x + self.drop_path(self.layer_scale_2 * self.mlp(x))
+        return x
+
+
+def _stem(in_channels: int, channels: int) -> nn.Sequential:
+    """Stride-4 stem: conv3x3 s2 -> GELU -> BN -> conv3x3 -> GELU -> BN -> conv2x2 s2.
+
+    BatchNorm sits *after* GELU, as in the release: it re-centres the
+    rectified activations before the next convolution. Convolutions have no
+    bias because BatchNorm (or the next layer's norm) absorbs it. Indices 0..6
+    match the release's ``downsample_layers.0.{0,2,3,5,6}`` names.
+    """
+    mid = channels // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, mid, 3, stride=2, padding=1, bias=False),
+        nn.GELU(),
+        nn.BatchNorm2d(mid),
+        nn.Conv2d(mid, mid, 3, stride=1, padding=1, bias=False),
+        nn.GELU(),
+        nn.BatchNorm2d(mid),
+        nn.Conv2d(mid, channels, 2, stride=2, bias=False),
+    )
+
+
+class Conv2Former(BaseModule):
+    """Conv2Former backbone with multi-scale outputs (strides 4, 8, 16, 32).
+
+    Args:
+        arch: a name from :attr:`arch_settings` (``'n'``, ``'t'``, ``'s'``,
+            ``'b'``, ``'b_22k'``, ``'l'``) or a dict with ``channels``,
+            ``depths``, ``kernel_size`` and optionally ``mlp_ratio``.
+            Defaults to ``'t'``.
+        in_channels: input image channels. Defaults to 3.
+        out_indices: stages whose outputs are returned; negative indices count
+            from the end. Defaults to ``(0, 1, 2, 3)``.
+        out_norm: apply a LayerNorm to each returned feature map, as dense
+            prediction backbones (ConvNeXt, Swin) do. These norms are not in
+            the release's checkpoints and start at identity. Defaults to True.
+        drop_path_rate: stochastic depth rate of the last block; it grows
+            linearly from 0 over all blocks. Defaults to 0.
+        layer_scale_init_value: initial layer scale. Defaults to 1e-6.
+        frozen_stages: freeze the stem and the first ``frozen_stages`` stages
+            (with their downsampling layers and output norms); 0 freezes
+            nothing, -1 likewise. Defaults to 0.
+        norm_eval: keep the stem's BatchNorm layers in eval mode while
+            training (for small-batch detection). Defaults to False.
+        with_cp: non-reentrant activation checkpointing of each block while
+            training (saves memory, costs a second forward; DDP-safe).
+            Defaults to False.
+        pretrained: deprecated; use ``init_cfg=dict(type='Pretrained',
+            checkpoint=...)``. Defaults to None.
+        init_cfg: initialisation config. ``dict(type='Pretrained',
+            checkpoint=PATH, use_ema=False, prefix=None)`` loads a release
+            file (or an mm checkpoint with ``prefix='backbone.'``) safely.
+            Defaults to None (the release's truncated-normal init).
+
+    Attributes:
+        out_channels: channels of each returned feature map.
+        out_strides: stride of each returned feature map w.r.t. the input.
+    """
+
+    arch_settings: Dict[str, dict] = {
+        'n': dict(channels=[64, 128, 256, 512], depths=[2, 2, 8, 2], kernel_size=7),
+        't': dict(channels=[72, 144, 288, 576], depths=[3, 3, 12, 3], kernel_size=11),
+        's': dict(channels=[72, 144, 288, 576], depths=[4, 4, 32, 4], kernel_size=11),
+        'b': dict(channels=[96, 192, 384, 768], depths=[4, 4, 34, 4], kernel_size=11),
+        'b_22k': dict(channels=[96, 192, 384, 768], depths=[4, 4, 34, 4], kernel_size=7),
+        'l': dict(channels=[128, 256, 512, 1024], depths=[4, 4, 48, 4], kernel_size=11),
+    }
+    strides: Tuple[int, ...] = (4, 8, 16, 32)
+
+    def __init__(self,
+                 arch: Union[str, dict] = 't',
+                 in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_norm: bool = True,
+                 drop_path_rate: float = 0.0,
+                 layer_scale_init_value: float = 1e-6,
+                 frozen_stages: int = 0,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError('give either `pretrained` or `init_cfg`, not both; '
+                                 '`pretrained` is deprecated')
+            if not isinstance(pretrained, str):
+                raise TypeError(f'pretrained must be a str path or None, got {type(pretrained).__name__}')
+            warnings.warn('Conv2Former: `pretrained` is deprecated, use '
+                          'init_cfg=dict(type="Pretrained", checkpoint=...)', DeprecationWarning)
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
+
+        settings = self.parse_arch(arch)
+        self.arch = settings
+        self.channels: List[int] = list(settings['channels'])
+        self.depths: List[int] = list(settings['depths'])
+        self.kernel_size: int = settings['kernel_size']
+        self.mlp_ratio: int = settings['mlp_ratio']
+        self.num_stages = len(self.depths)
+
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f'in_channels must be a positive int, got {in_channels!r}')
+        self.in_channels = in_channels
+        self.out_indices = self._normalise_out_indices(out_indices, self.num_stages)
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {self.num_stages}], got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+        # Stem (index 0) and the three stride-2 patch mergings. Between stages:
+        # channel LayerNorm then conv2x2 s2, on channels-last data.
+        self.downsample_layers = nn.ModuleList([_stem(in_channels, self.channels[0])])
+        for i in range(1, self.num_stages):
+            self.downsample_layers.append(nn.Sequential(
+                nn.LayerNorm(self.channels[i - 1], eps=1e-6),
+                ConvNHWC(self.channels[i - 1], self.channels[i], 2, stride=2),
+            ))
+
+        # Stochastic depth grows linearly over *all* blocks, as in the release.
+        rates = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        self.stages = nn.ModuleList()
+        first = 0
+        for dim, depth in zip(self.channels, self.depths):
+            self.stages.append(nn.Sequential(*[
+                Conv2FormerBlock(dim, self.kernel_size, self.mlp_ratio, rates[first + j],
+                                 layer_scale_init_value) for j in range(depth)]))
+            first += depth
+
+        # One entry per stage so that names stay ``out_norms.{stage}``.
+        self.out_norms = nn.ModuleList([
+            nn.LayerNorm(dim, eps=1e-6) if out_norm and i in self.out_indices else nn.Identity()
+            for i, dim in enumerate(self.channels)])
+        self.out_channels: Tuple[int, ...] = tuple(self.channels[i] for i in self.out_indices)
+        self.out_strides: Tuple[int, ...] = tuple(self.strides[i] for i in self.out_indices)
+
+        self._freeze_stages()
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def parse_arch(cls, arch: Union[str, dict]) -> dict:
+        """Return a checked copy of the settings for ``arch`` (name or dict)."""
+        if isinstance(arch, str):
+            key = arch.lower().replace('-', '_')
+            if key not in cls.arch_settings:
+                raise KeyError(f'unknown Conv2Former arch {arch!r}; choose one of '
+                               f'{sorted(cls.arch_settings)} or pass a dict with '
+                               "'channels', 'depths', 'kernel_size'")
+            settings = copy.deepcopy(cls.arch_settings[key])
+        elif isinstance(arch, dict):
+            required = {'channels', 'depths', 'kernel_size'}
+            missing = required - set(arch)
+            extra = set(arch) - required - {'mlp_ratio'}
+            if missing or extra:
+                raise ValueError(f'arch dict must have keys {sorted(required)} (and optionally '
+                                 f"'mlp_ratio'); missing {sorted(missing)}, unknown {sorted(extra)}")
+            settings = copy.deepcopy(dict(arch))
+            if len(settings['channels']) != len(settings['depths']) or not settings['depths']:
+                raise ValueError('arch: channels and depths must be non-empty and of equal length, '
+                                 f"got {len(settings['channels'])} and {len(settings['depths'])}")
+            if len(settings['depths']) != len(cls.strides):
+                raise ValueError(f'arch: Conv2Former has {len(cls.strides)} stages, '
+                                 f"got {len(settings['depths'])}")
+            if any(c <= 0 or c % 2 for c in settings['channels']) or any(d <= 0 for d in settings['depths']):
+                raise ValueError('arch: channels must be positive and even (the stem halves the '
+                                 'first), depths positive')
+            k = settings['kernel_size']
+            if not isinstance(k, int) or k < 1 or k % 2 == 0:
+                raise ValueError(f'arch: kernel_size must be a positive odd int, got {k!r}')
+        else:
+            raise TypeError(f'arch must be a str or dict, got {type(arch).__name__}')
+        settings.setdefault('mlp_ratio', 4)
+        return settings
+
+    @staticmethod
+    def _normalise_out_indices(out_indices: Union[int, Sequence[int]], num_stages: int) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        if not isinstance(out_indices, (list, tuple)) or not out_indices:
+            raise ValueError(f'out_indices must be a non-empty int sequence, got {out_indices!r}')
+        result = []
+        for index in out_indices:  # a new tuple: the caller's list is never modified
+            real = index + num_stages if index < 0 else index
+            if not 0 <= real < num_stages:
+                raise ValueError(f'out_indices entry {index} is out of range for {num_stages} stages')
+            result.append(real)
+        if len(set(result)) != len(result):
+            raise ValueError(f'out_indices has duplicates: {out_indices!r}')
+        return tuple(result)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f'Conv2Former expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}. '
+                'Convert grey/RGBA images to RGB in the data pipeline, or set in_channels.')
+        if x.shape[-2] < self.strides[-1] or x.shape[-1] < self.strides[-1]:
+            raise ValueError(
+                f'input {tuple(x.shape[-2:])} is smaller than the total stride {self.strides[-1]}; '
+                f'resize or pad images to at least {self.strides[-1]}x{self.strides[-1]}')
+        outs = []
+        x = self.downsample_layers[0](x).permute(0, 2, 3, 1)  # NCHW -> NHWC
+        for i in range(self.num_stages):
+            if i > 0:
+                x = self.downsample_layers[i](x)
+            x = self._run_stage(self.stages[i], x)
+            if i in self.out_indices:
+                out = self.out_norms[i](x)
+                outs.append(out.permute(0, 3, 1, 2).contiguous())
+        return tuple(outs)
+
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and self.training:
+            for block in stage:
+                x = cp.checkpoint(block, x, use_reentrant=False)
+            return x
+        return stage(x)
+
+    # ------------------------------------------------------------------ training state
+    def _freeze_stages(self) -> None:
+        for i in range(max(self.frozen_stages, 0)):
+            for module in (self.downsample_layers[i], self.stages[i], self.out_norms[i]):
+                module.eval()
+                for param in module.parameters():
+                    param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'Conv2Former':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    # ------------------------------------------------------------------ layer-wise lr decay
+    @property
+    def num_layer_groups(self) -> int:
+        """Layer ids used by :meth:`get_layer_depth` in layer-wise mode."""
+        # stem 0, stage 0 -> 1, stage 1 -> 2, stage 2 in groups of 3 blocks,
+        # stage 3 -> last. With 9 or 27 blocks in stage 2 this equals
+        # ConvNeXt's 6 and 12; S/B/L (32-48 blocks) get 14/15/19.
+        return 4 + (self.depths[2] - 1) // 3 if self.num_stages == 4 else self.num_stages
+
+    def get_layer_depth(self, param_name: str, prefix: str = '',
+                        stage_wise: bool = False) -> Tuple[int, int]:
+        """Layer id of a parameter for layer-wise learning-rate decay.
+
+        Args:
+            param_name: full parameter name, e.g. ``'backbone.stages.2.7.mlp.fc1.weight'``.
+            prefix: the backbone's prefix in ``param_name`` (``'backbone.'``).
+                Parameters outside it (necks, heads) get the last id.
+            stage_wise: one id per stage instead of groups of blocks.
+
+        Returns:
+            ``(layer_id, num_layers)``: the learning rate is scaled by
+            ``decay_rate ** (num_layers - 1 - layer_id)``.
+        """
+        max_id = (self.num_stages + 1) if stage_wise else self.num_layer_groups
+        if not param_name.startswith(prefix):
+            return max_id + 1, max_id + 2
+        name = param_name[len(prefix):]
+        parts = name.split('.')
+        if parts[0] == 'downsample_layers':
+            stage = int(parts[1])
+            layer_id = 0 if stage == 0 else self._block_layer_id(stage, 0, stage_wise, max_id)
+        elif parts[0] == 'stages':
+            layer_id = self._block_layer_id(int(parts[1]), int(parts[2]), stage_wise, max_id)
+        else:  # output norms belong with the neck
+            layer_id = max_id + 1
+        return layer_id, max_id + 2
+
+    def _block_layer_id(self, stage: int, block: int, stage_wise: bool, max_id: int) -> int:
+        if stage_wise:
+            return stage + 1
+        if stage == self.num_stages - 1:
+            return max_id
+        if stage == 2:
+            return 3 + block // 3
+        return stage + 1
+
+    # ------------------------------------------------------------------ weights
+    def init_weights(self) -> None:
+        """The release's init, then (if configured) its pretrained weights."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            self.load_release_weights(cfg['checkpoint'], use_ema=cfg.get('use_ema', False),
+                                      prefix=cfg.get('prefix'))
+        elif cfg is not None:
+            super().init_weights()
+        self._is_init = True
+
+    def load_release_weights(self, path: str, use_ema: bool = False,
+                             prefix: Optional[str] = None) -> Tuple[List[str], List[str]]:
+        """Load backbone weights from a release file or an mm checkpoint.
+
+        Only allow-listed objects are unpickled; classifier keys (``head.*``,
+        ``pred.*``) are ignored; any shape mismatch raises with both shapes
+        and the variant the checkpoint was made for.
+
+        Returns:
+            ``(missing, unexpected)`` keys; missing ones keep their init.
+        """
+        state = extract_state_dict(safe_load(path), use_ema=use_ema, prefix=prefix)
+        own = self.state_dict()
+        hint = ''
+        if any(k.startswith('stages.') for k in state):
+            try:
+                ckpt_arch = infer_arch(state)
+                name = arch_name(ckpt_arch, self.arch_settings)
+                hint = (f'The checkpoint looks like arch={name!r}' if name else
+                        f'The checkpoint has channels={ckpt_arch["channels"]}, '
+                        f'depths={ckpt_arch["depths"]}, kernel_size={ckpt_arch["kernel_size"]}')
+                hint += (f"; this model has channels={self.channels}, depths={self.depths}, "
+                         f'kernel_size={self.kernel_size}. Build the matching arch.')
+            except ValueError:
+                pass
+        check_shapes(own, state, hint)
+        missing, unexpected = split_keys(own, state, ignore_prefixes=('head.', 'pred.'))
+        if any(k.startswith('stages.') for k in unexpected):
+            raise ValueError(f'checkpoint {path!r} has blocks this model lacks '
+                             f'(e.g. {unexpected[0]}). {hint}'.rstrip())
+        self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        print_log(f'Conv2Former: loaded {path} ({"EMA" if use_ema else "plain"} weights); '
+                  f'missing keys: {missing or "none"}; unexpected keys: {unexpected or "none"}',
+                  logger='current')
+        return missing, unexpected
+
+
+register_model(Conv2Former)

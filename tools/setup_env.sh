@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# One-command, idempotent set-up of the mmconv2former stack into the active
+# Python environment (a venv, conda env or the system Python: whichever
+# `${PYTHON:-python3}` is).
+#
+#   bash tools/setup_env.sh            # install what is missing, then self-check
+#
+# What it does, and why:
+#   1. keeps an installed torch + torchvision pair when it imports and is new
+#      enough; otherwise installs the pair pinned in requirements/torch.txt;
+#   2. installs mmcv 2.1.0 with compiled ops. mmdet 3.3.0 / mmseg 1.2.2 refuse
+#      mmcv>=2.2 and PyPI has no 2.1.0 wheel for current torch, so it is built
+#      from the sdist. The built wheel is cached outside the checkout, keyed by
+#      mmcv, torch, Python and machine, and its version carries a local label
+#      (2.1.0+torch2.14.1...) so that a build made against another torch is
+#      never mistaken for this one (pip's own cache keys by sdist only);
+#   3. installs mmengine, mmdet, mmsegmentation, mmpretrain and the test tools
+#      from requirements/, then this package in editable mode;
+#   4. runs a self-check (imports, an mmcv RoIAlign op) and says what failed.
+# A second run finds everything in place and takes seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+MMCV_VERSION=2.1.0
+CACHE_DIR="${MMCONV2FORMER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmconv2former}"
+PIP=("$PY" -m pip --disable-pip-version-check -q)
+
+say() { printf '[setup_env] %s\n' "$*"; }
+die() { printf '[setup_env] ERROR: %s\n' "$*" >&2; exit 1; }
+
+"$PY" -c 'import sys; assert sys.version_info >= (3, 8)' 2>/dev/null \
+  || die "$PY is missing or older than Python 3.8; set PYTHON=/path/to/python3.11"
+
+# ---------------------------------------------------------------- 1. torch
+torch_fits() {
+  "$PY" - <<'EOF' 2>/dev/null
+import torch, torchvision
+from packaging.version import Version
+assert Version(torch.__version__.split('+')[0]) >= Version('2.1')
+torchvision.ops.nms  # fails when torchvision was built for another torch
+torchvision.ops.nms(torch.zeros(0, 4), torch.zeros(0), 0.5)
+EOF
+}
+"${PIP[@]}" install "setuptools<81" wheel packaging ninja >/dev/null \
+  || die "could not install the build tools (setuptools<81, wheel, ninja)"
+if torch_fits; then
+  say "keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  say "installing torch + torchvision from requirements/torch.txt"
+  "${PIP[@]}" install -r "$ROOT/requirements/torch.txt" \
+    || die "torch/torchvision install failed (see pip's message above)"
+  torch_fits || die "torch and torchvision are installed but do not work together"
+fi
+TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__)')"
+
+# ---------------------------------------------------------------- 2. mmcv
+"${PIP[@]}" install -r "$ROOT/requirements/runtime.txt" || die "mmengine install failed"
+# PEP 440 local label: letters, digits and dots only.
+LOCAL_LABEL="torch$(printf '%s' "$TORCH_VERSION" | tr -c 'A-Za-z0-9.\n' '.')"
+WANT_MMCV="${MMCV_VERSION}+${LOCAL_LABEL}"
+installed_mmcv() {
+  "$PY" -c 'import importlib.metadata as m; print(m.version("mmcv"))' 2>/dev/null || true
+}
+if [ "$(installed_mmcv)" = "$WANT_MMCV" ]; then
+  say "mmcv $WANT_MMCV already installed"
+else
+  KEY="$("$PY" -c 'import platform, sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")')"
+  WHEEL_DIR="$CACHE_DIR/wheels/mmcv-$MMCV_VERSION/$LOCAL_LABEL-$KEY"
+  WHEEL="$(ls "$WHEEL_DIR"/mmcv-*.whl 2>/dev/null | head -n 1 || true)"
+  if [ -z "$WHEEL" ]; then
+    say "building mmcv $MMCV_VERSION with CPU ops against torch $TORCH_VERSION (about 8 minutes on 2 cores)"
+    BUILD="$(mktemp -d)"
+    trap 'rm -rf "$BUILD"' EXIT
+    "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation \
+      "mmcv==$MMCV_VERSION" -d "$BUILD" || die "could not download the mmcv $MMCV_VERSION sdist"
+    tar -xzf "$BUILD"/mmcv-"$MMCV_VERSION".tar.gz -C "$BUILD"
+    SRC="$BUILD/mmcv-$MMCV_VERSION"
+    # torch>=2.14's headers use C++20; mmcv 2.1.0 hard-codes -std=c++17.
+    if "$PY" -c 'import torch, sys; from packaging.version import Version as V; sys.exit(V(torch.__version__.split("+")[0]) < V("2.10"))'; then
+      sed -i "s/-std=c++17/-std=c++20/g" "$SRC/setup.py"
+    fi
+    # Record the torch it was built against in the wheel's version.
+    sed -i "s/version=get_version(),/version=get_version() + '+$LOCAL_LABEL',/" "$SRC/setup.py"
+    grep -q "+$LOCAL_LABEL" "$SRC/setup.py" || die "could not patch mmcv's setup.py version (layout changed?)"
+    mkdir -p "$WHEEL_DIR"
+    # FORCE_CUDA=0 unless the caller asks for CUDA ops on a GPU machine.
+    ( cd "$SRC" && MMCV_WITH_OPS=1 FORCE_CUDA="${FORCE_CUDA:-0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+        "$PY" -m pip --disable-pip-version-check wheel --no-deps --no-build-isolation \
+        --no-cache-dir -w "$BUILD/dist" . ) > "$BUILD/build.log" 2>&1 \
+      || { tail -n 40 "$BUILD/build.log" >&2; die "mmcv build failed (last 40 lines of the log above)"; }
+    cp "$BUILD"/dist/mmcv-*.whl "$WHEEL_DIR"/
+    WHEEL="$(ls "$WHEEL_DIR"/mmcv-*.whl | head -n 1)"
+    say "cached $WHEEL"
+  else
+    say "using cached $WHEEL"
+  fi
+  "${PIP[@]}" install --no-deps --force-reinstall "$WHEEL" || die "could not install $WHEEL"
+  # mmcv's own runtime dependencies (opencv, addict, yapf, ...).
+  "${PIP[@]}" install "$WHEEL" || die "could not install mmcv's dependencies"
+fi
+
+# ---------------------------------------------------------------- 3. mm stack, tests, package
+"${PIP[@]}" install -r "$ROOT/requirements/mminstall.txt" -r "$ROOT/requirements/tests.txt" \
+  || die "installing the OpenMMLab stack failed (see pip's message above)"
+[ "$(installed_mmcv)" = "$WANT_MMCV" ] \
+  || die "pip replaced the mmcv build (now $(installed_mmcv)); rerun this script"
+"${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT" || die "installing mmconv2former failed"
+
+# ---------------------------------------------------------------- 4. self-check
+"$PY" - <<'EOF' || die "self-check failed: see the message above"
+import importlib, sys
+failed = []
+for name in ('torch', 'torchvision', 'mmengine', 'mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'mmconv2former'):
+    try:
+        mod = importlib.import_module(name)
+        print(f'  {name:14s} {getattr(mod, "__version__", "?")}')
+    except Exception as exc:  # report every failure, not only the first
+        failed.append(f'import {name}: {type(exc).__name__}: {exc}')
+try:
+    import torch
+    from mmcv.ops import roi_align
+    feats = torch.arange(64.).view(1, 1, 8, 8)
+    rois = torch.tensor([[0., 0., 0., 4., 4.]])
+    out = roi_align(feats, rois, (2, 2), 1.0, 0, 'avg', True)
+    assert out.shape == (1, 1, 2, 2) and torch.isfinite(out).all()
+    print('  mmcv.ops.roi_align ok')
+except Exception as exc:
+    failed.append(f'mmcv compiled ops: {type(exc).__name__}: {exc}')
+if failed:
+    print('\n'.join(failed), file=sys.stderr)
+    sys.exit(1)
+EOF
+say "ready"
