@@ -62,10 +62,12 @@ def safe_load(path: str, extra_safe_globals: Sequence = ()) -> dict:
     """
     if not osp.isfile(path):
         raise FileNotFoundError(
-            f'checkpoint not found: {path!r}. Check the path; release '
-            'checkpoints are converted with '
-            'tools/model_converters/conv2former_to_mm.py or loaded as they are.')
-    allowed = list(RELEASE_SAFE_GLOBALS) + _numpy_scalar_globals() + list(extra_safe_globals)
+            f'checkpoint not found: {path!r}. Check the path (relative paths start '
+            'from the current directory); see README "Pretrained weights" for '
+            "where the authors' checkpoints come from.")
+    # Release files and mmengine's own checkpoints (e.g. a detector used as
+    # `init_cfg` with prefix='backbone.') are both readable.
+    allowed = list(RELEASE_SAFE_GLOBALS) + mmengine_safe_globals() + list(extra_safe_globals)
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -165,3 +167,29 @@ def split_keys(model_keys: Iterable[str], ckpt_keys: Iterable[str],
     missing = sorted(model_keys - ckpt_keys)
     unexpected = sorted(k for k in ckpt_keys - model_keys if not k.startswith(ignore_prefixes))
     return missing, unexpected
+
+
+def mmengine_safe_globals() -> List:
+    """Globals mmengine's own checkpoints hold besides tensors.
+
+    ``meta.message_hub`` stores :class:`HistoryBuffer` objects whose data are
+    numpy arrays; everything else is plain containers, strings and numbers.
+    """
+    import numpy as np
+    from mmengine.logging.history_buffer import HistoryBuffer
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [HistoryBuffer, _reconstruct, np.ndarray] + _numpy_scalar_globals()
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` read mmengine checkpoints.
+
+    mmengine 0.10.7 calls ``torch.load`` without ``weights_only``, which torch
+    >= 2.6 treats as True, so ``Runner.resume`` and ``load_from`` fail on the
+    objects above. Adding exactly those to torch's allow-list (rather than
+    turning ``weights_only`` off) keeps every other global refused.
+    """
+    torch.serialization.add_safe_globals(RELEASE_SAFE_GLOBALS + mmengine_safe_globals())

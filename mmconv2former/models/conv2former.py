@@ -124,7 +124,7 @@ class Conv2Former(BaseModule):
             Defaults to ``'t'``.
         in_channels: input image channels. Defaults to 3.
         out_indices: stages whose outputs are returned; negative indices count
-            from the end. Defaults to ``(0, 1, 2, 3)``.
+            from the end; outputs come in stage order. Defaults to ``(0, 1, 2, 3)``.
         out_norm: apply a LayerNorm to each returned feature map, as dense
             prediction backbones (ConvNeXt, Swin) do. These norms are not in
             the release's checkpoints and start at identity. Defaults to True.
@@ -282,7 +282,8 @@ class Conv2Former(BaseModule):
             result.append(real)
         if len(set(result)) != len(result):
             raise ValueError(f'out_indices has duplicates: {out_indices!r}')
-        return tuple(result)
+        # Outputs come in stage order (what FPN-style necks expect).
+        return tuple(sorted(result))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
