@@ -119,8 +119,10 @@ def extract_state_dict(checkpoint: dict, use_ema: bool = False,
             key = key[len('backbone.'):]
         out[key] = value
     if not out:
-        raise KeyError(f'no weights found in the checkpoint (prefix={prefix!r}); '
-                       'check the prefix or the file')
+        hint = (" The authors' release files have no prefix: convert them with "
+                'tools/model_converters/conv2former_to_mm.py --for det, or set prefix=None.'
+                if prefix else '')
+        raise KeyError(f'no weights found in the checkpoint under prefix {prefix!r}.{hint}')
     return out
 
 
