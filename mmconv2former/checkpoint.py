@@ -171,11 +171,34 @@ def split_keys(model_keys: Iterable[str], ckpt_keys: Iterable[str],
     return missing, unexpected
 
 
+def _history_buffer_getattr(owner, name: str):
+    """Stands in for ``builtins.getattr`` while unpickling.
+
+    ``HistoryBuffer`` keeps its statistics methods (``min``, ``max``,
+    ``current``, ``mean``) in a dict, which pickle stores as
+    ``getattr(HistoryBuffer, 'min')``. Allowing the real ``getattr`` would let
+    a crafted file walk from any allowed class to ``__globals__`` and run
+    code, so only those registered methods of that one class resolve.
+    """
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if owner is HistoryBuffer:
+        # the four built-in statistics, plus any registered with register_statistics
+        if name in ('min', 'max', 'current', 'mean'):
+            return vars(HistoryBuffer)[name]
+        if name in HistoryBuffer._statistics_methods:
+            return HistoryBuffer._statistics_methods[name]
+    raise pickle.UnpicklingError(
+        f'refused getattr({getattr(owner, "__name__", type(owner).__name__)}, {name!r}) while '
+        'loading a checkpoint: only HistoryBuffer statistics methods are allowed')
+
+
 def mmengine_safe_globals() -> List:
     """Globals mmengine's own checkpoints hold besides tensors.
 
     ``meta.message_hub`` stores :class:`HistoryBuffer` objects whose data are
-    numpy arrays; everything else is plain containers, strings and numbers.
+    numpy arrays and whose statistics methods are pickled through ``getattr``
+    (mapped to :func:`_history_buffer_getattr`); everything else is plain
+    containers, strings and numbers.
     """
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
@@ -183,7 +206,8 @@ def mmengine_safe_globals() -> List:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct
-    return [HistoryBuffer, _reconstruct, np.ndarray] + _numpy_scalar_globals()
+    return ([HistoryBuffer, _reconstruct, np.ndarray, (_history_buffer_getattr, 'builtins.getattr')]
+            + _numpy_scalar_globals())
 
 
 def allow_mmengine_checkpoints() -> None:

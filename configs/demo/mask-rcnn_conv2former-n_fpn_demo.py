@@ -25,9 +25,16 @@ model = dict(
         drop_path_rate=0.0,
         # a from-scratch backbone learns faster when blocks start far from identity
         layer_scale_init_value=1.0),
-    neck=dict(in_channels=[64, 128, 256, 512]),
-    rpn_head=dict(anchor_generator=dict(scales=[4])),  # 16..256 px anchors on P2..P6
-    roi_head=dict(bbox_head=dict(num_classes=3), mask_head=dict(num_classes=3)),
+    # Heads at half of COCO's width: on a CPU, the 256-channel mask head's
+    # 3x3 convolutions over every positive RoI cost more than the backbone.
+    neck=dict(in_channels=[64, 128, 256, 512], out_channels=128),
+    rpn_head=dict(in_channels=128, feat_channels=128,
+                  anchor_generator=dict(scales=[4])),  # 16..256 px anchors on P2..P6
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=128),
+        bbox_head=dict(in_channels=128, fc_out_channels=512, num_classes=3),
+        mask_roi_extractor=dict(out_channels=128),
+        mask_head=dict(num_convs=2, in_channels=128, conv_out_channels=128, num_classes=3)),
     train_cfg=dict(
         rpn_proposal=dict(nms_pre=1000, max_per_img=300),
         rcnn=dict(sampler=dict(num=128))),
