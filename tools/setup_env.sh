@@ -25,12 +25,31 @@ PY="${PYTHON:-python3}"
 MMCV_VERSION=2.1.0
 CACHE_DIR="${MMCONV2FORMER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmconv2former}"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
+export PIP_ROOT_USER_ACTION=ignore
 
 say() { printf '[setup_env] %s\n' "$*"; }
 die() { printf '[setup_env] ERROR: %s\n' "$*" >&2; exit 1; }
 
 "$PY" -c 'import sys; assert sys.version_info >= (3, 8)' 2>/dev/null \
   || die "$PY is missing or older than Python 3.8; set PYTHON=/path/to/python3.11"
+
+# ---------------------------------------------------------------- 0. already done?
+# A stamp records the requirement files, this script, the checkout and the
+# Python it was set up for; when nothing changed and the stack still imports
+# (compiled mmcv ops included), stop here.
+STAMP_DIR="$CACHE_DIR/stamps"
+STAMP_KEY="$( { cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "${BASH_SOURCE[0]}"; echo "$ROOT"; \
+  "$PY" -c 'import sys; print(sys.prefix, sys.version)'; } | sha256sum | cut -c1-16)"
+if [ -f "$STAMP_DIR/$STAMP_KEY" ] && "$PY" - "$ROOT" <<'PYCHECK' 2>/dev/null
+import os.path as osp, sys
+import mmconv2former, mmdet, mmseg, mmpretrain  # noqa: F401
+from mmcv.ops import roi_align  # noqa: F401  (loads the compiled ops)
+assert osp.dirname(osp.dirname(osp.abspath(mmconv2former.__file__))) == sys.argv[1]
+PYCHECK
+then
+  say "already set up for this checkout and Python (stamp $STAMP_KEY); nothing to do"
+  exit 0
+fi
 
 # ---------------------------------------------------------------- 1. torch
 torch_fits() {
@@ -131,4 +150,5 @@ if failed:
     print('\n'.join(failed), file=sys.stderr)
     sys.exit(1)
 EOF
+mkdir -p "$STAMP_DIR" && touch "$STAMP_DIR/$STAMP_KEY"
 say "ready"
