@@ -8,7 +8,7 @@ work on torch >= 2.6 while every other pickled global stays refused. It needs
 only torch and mmengine.
 """
 from .checkpoint import allow_mmengine_checkpoints
-from .engine import LayerDecayOptimWrapperConstructor  # noqa: F401  (registers)
+from .engine import LayerDecayOptimWrapperConstructor  # noqa: F401  (registers with the hooks)
 from .models import Conv2Former  # noqa: F401  (registers the backbone)
 from .version import __version__
 

@@ -219,3 +219,29 @@ def allow_mmengine_checkpoints() -> None:
     turning ``weights_only`` off) keeps every other global refused.
     """
     torch.serialization.add_safe_globals(RELEASE_SAFE_GLOBALS + mmengine_safe_globals())
+
+
+def check_model_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Refuse a whole-model checkpoint (e.g. for ``tools/test.py``) that does
+    not fit ``model``: mmengine would only warn about mismatched shapes and
+    evaluate random weights."""
+    state = safe_load(path)
+    state = state.get('state_dict', state) if isinstance(state, dict) else state
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    own = model.state_dict()
+    hint = 'Use the config the checkpoint was trained with.'
+    backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+    if any(k.startswith('stages.') for k in backbone):
+        try:
+            arch = infer_arch(backbone)
+            hint = (f"The checkpoint's backbone has channels={arch['channels']}, depths="
+                    f"{arch['depths']}, kernel_size={arch['kernel_size']}. {hint}")
+        except CheckpointMismatchError:
+            pass
+    check_shapes(own, state, hint)
+    if not set(own) & set(state):
+        raise CheckpointMismatchError(f'none of the model\'s weights are in {path!r}. {hint}')
+    extra = [k for k in state if k.startswith('backbone.stages.') and k not in own]
+    if extra:
+        raise CheckpointMismatchError(f'{path!r} has backbone blocks this model lacks '
+                                      f'(e.g. {extra[0]}). {hint}')

@@ -9,6 +9,7 @@ the root, also serves ``type='mmconv2former.Conv2Former'``.
 """
 from typing import Type
 
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS
 from mmengine.registry import Registry
@@ -18,6 +19,8 @@ MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmconv2former',
 OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     'optimizer wrapper constructor', parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
     scope='mmconv2former', locations=['mmconv2former.engine'])
+HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmconv2former',
+                 locations=['mmconv2former.engine'])
 
 
 def _register(own: Registry, root: Registry, cls: Type) -> Type:
@@ -34,3 +37,8 @@ def register_model(cls: Type) -> Type:
 def register_optim_wrapper_constructor(cls: Type) -> Type:
     """Register an optimiser-wrapper constructor in our scope and the root."""
     return _register(OPTIM_WRAPPER_CONSTRUCTORS, MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS, cls)
+
+
+def register_hook(cls: Type) -> Type:
+    """Register a runner hook in our scope and the root."""
+    return _register(HOOKS, MMENGINE_HOOKS, cls)

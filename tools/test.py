@@ -77,17 +77,19 @@ def enable_drawing(cfg, library: str, show_dir: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
-    library = cfg.default_scope
     if not osp.isfile(args.checkpoint):
-        raise SystemExit(f'checkpoint not found: {args.checkpoint!r}; pass a file written by '
-                         'tools/train.py (work_dirs/<config>/*.pth) or a converted release file')
+        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint!r}; pass a file written by '
+                                'tools/train.py (work_dirs/<config>/*.pth) or a converted release file')
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir, mode='test')
+    library = cfg.default_scope
     cfg.load_from = args.checkpoint
     if args.show_dir:
         enable_drawing(cfg, library, args.show_dir)
     if args.tta:
         apply_tta(cfg, library)
     runner = build_runner(cfg)
+    from mmconv2former.checkpoint import check_model_checkpoint
+    check_model_checkpoint(runner.model, args.checkpoint)
     if args.out:
         if not args.out.endswith(('.pkl', '.pickle')):
             raise SystemExit('--out must end with .pkl or .pickle')

@@ -4,7 +4,8 @@ The library is picked from the config's ``default_scope``; the command line is
 mmdet's, so ``tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CKPT]]
 [--auto-scale-lr] [--cfg-options k=v ...] [--launcher pytorch|slurm]``.
 On a machine without CUDA, SyncBN and AMP are replaced by BN and fp32 (the log
-says so), so every config also runs on CPU.
+says so), so every config also runs on CPU. A new run never overwrites an
+earlier one: if the work dir holds checkpoints, it writes to ``<work dir>-runN``.
 """
 import argparse
 import os
@@ -39,19 +40,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir,
+                      resume=args.resume, mode='train')
     if args.amp:
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.loss_scale = 'dynamic'
+        import torch
+        if torch.cuda.is_available():
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+        else:
+            print('--amp ignored: mmengine AMP needs a GPU; training in fp32', file=sys.stderr)
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise SystemExit('--auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) in the config')
         cfg.auto_scale_lr.enable = True
-    if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
-    elif args.resume is not None:
-        cfg.resume, cfg.load_from = True, args.resume
-    build_runner(cfg).train()
+    runner = build_runner(cfg)
+    runner.train()
+    return runner
 
 
 if __name__ == '__main__':

@@ -92,4 +92,7 @@ default_hooks = dict(
 log_processor = dict(window_size=10)
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
 randomness = dict(seed=0, deterministic=False)
+# Reseed per epoch so that a run resumed from a checkpoint repeats the
+# uninterrupted run's randomness (mmengine checkpoints hold no RNG state).
+custom_hooks = [dict(type='EpochReseedHook')]
 auto_scale_lr = dict(enable=False, base_batch_size=4)

@@ -1,3 +1,4 @@
+from .hooks import EpochReseedHook, NonFiniteCheckHook
 from .layer_decay import LayerDecayOptimWrapperConstructor
 
-__all__ = ['LayerDecayOptimWrapperConstructor']
+__all__ = ['EpochReseedHook', 'LayerDecayOptimWrapperConstructor', 'NonFiniteCheckHook']

@@ -1,8 +1,14 @@
-"""What ``tools/train.py`` and ``tools/test.py`` share: picking the library a
-config belongs to, and adapting GPU-only settings to the machine at hand."""
+"""What ``tools/train.py`` and ``tools/test.py`` share: reading a config with
+clear errors, picking the library it belongs to, adapting GPU-only settings to
+the machine at hand, keeping earlier runs intact, and building the runner."""
+import glob
+import json
 import logging
+import os
 import os.path as osp
-from typing import Any, List, Optional, Tuple
+import re
+import tempfile
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config, ConfigDict
@@ -32,6 +38,7 @@ def detect_library(cfg: Config) -> str:
     return scope
 
 
+# ----------------------------------------------------------------------------- device
 def _replace_types(node: Any, old: str, new: str, path: str, changed: List[str]) -> Any:
     if isinstance(node, dict):
         for key, value in node.items():
@@ -49,18 +56,19 @@ def _replace_types(node: Any, old: str, new: str, path: str, changed: List[str])
 def adapt_to_device(cfg: Config, distributed: bool = False) -> Tuple[Config, List[str]]:
     """Make a GPU recipe runnable on a CPU-only machine, saying what changed.
 
-    Without CUDA: ``SyncBN`` becomes ``BN`` (multi-process CPU runs cannot
-    synchronise BatchNorm; single-process runs would compute plain BN anyway)
-    and ``AmpOptimWrapper`` becomes ``OptimWrapper`` (mmengine's AMP wrapper
-    requires a GPU; fp32 is the only safe CPU default). With CUDA nothing
-    changes. Returns the config (modified in place) and the list of notes.
+    Without CUDA: ``SyncBN`` becomes ``BN`` (gloo cannot synchronise
+    BatchNorm; a single process would compute plain BN anyway),
+    ``AmpOptimWrapper`` becomes ``OptimWrapper`` (mmengine's AMP wrapper needs
+    a GPU; fp32 is the safe CPU default), and a distributed run uses the gloo
+    backend with a device-less DDP wrapper. With CUDA nothing changes.
+    Returns the config (modified in place) and the notes.
     """
     notes: List[str] = []
     if torch.cuda.is_available():
         return cfg, notes
     changed: List[str] = []
-    _replace_types(cfg._cfg_dict, 'SyncBN', 'BN', '', changed)
-    _replace_types(cfg._cfg_dict, 'MMSyncBN', 'BN', '', changed)
+    for sync_type in ('SyncBN', 'MMSyncBN'):
+        _replace_types(cfg._cfg_dict, sync_type, 'BN', '', changed)
     if changed:
         notes.append(f'no CUDA: SyncBN -> BN at {", ".join(sorted(set(changed)))}')
     wrapper = cfg.get('optim_wrapper')
@@ -69,15 +77,137 @@ def adapt_to_device(cfg: Config, distributed: bool = False) -> Tuple[Config, Lis
         for key in ('loss_scale', 'dtype', 'use_fsdp'):
             wrapper.pop(key, None)
         notes.append('no CUDA: AmpOptimWrapper -> OptimWrapper (fp32)')
+    if distributed:
+        cfg.setdefault('env_cfg', ConfigDict())
+        cfg.env_cfg.setdefault('dist_cfg', ConfigDict())
+        if cfg.env_cfg.dist_cfg.get('backend') != 'gloo':
+            cfg.env_cfg.dist_cfg['backend'] = 'gloo'
+            notes.append('no CUDA: distributed backend -> gloo')
+        wrapper_cfg = cfg.get('model_wrapper_cfg') or ConfigDict(type='MMDistributedDataParallel')
+        wrapper_cfg['device_ids'] = None  # CPU modules take no device ids
+        cfg.model_wrapper_cfg = wrapper_cfg
     return cfg, notes
 
 
+# ----------------------------------------------------------------------------- work dirs
+def _has_run(work_dir: str) -> bool:
+    return osp.isfile(osp.join(work_dir, 'last_checkpoint')) or bool(glob.glob(osp.join(work_dir, '*.pth')))
 
+
+def _runs(work_dir: str) -> List[str]:
+    """``work_dir`` and the ``work_dir-runN`` siblings made by later runs."""
+    siblings = [d for d in glob.glob(glob.escape(work_dir) + '-run*')
+                if re.fullmatch(r'-run\d+', d[len(work_dir):])]
+    return [work_dir] + sorted(siblings, key=lambda d: int(d.rsplit('-run', 1)[1]))
+
+
+def choose_work_dir(work_dir: str, resume: Optional[str]) -> Tuple[str, Optional[str]]:
+    """Never write a new run over an earlier one.
+
+    A fresh run into a work dir that holds checkpoints goes to the next free
+    ``<work_dir>-runN`` instead; ``--resume`` without a path continues the
+    newest of those runs. Returns the work dir and a note (or None).
+    """
+    runs = [d for d in _runs(work_dir) if _has_run(d)]
+    if resume == 'auto':
+        if not runs:
+            return work_dir, None
+        newest = max(runs, key=lambda d: os.path.getmtime(osp.join(d, 'last_checkpoint'))
+                     if osp.isfile(osp.join(d, 'last_checkpoint')) else 0)
+        return newest, (f'resuming the newest run in {newest}' if newest != work_dir else None)
+    if resume is not None or not _has_run(work_dir):
+        return work_dir, None
+    n = 2
+    while osp.exists(f'{work_dir}-run{n}'):
+        n += 1
+    new = f'{work_dir}-run{n}'
+    return new, (f'{work_dir} holds checkpoints of an earlier run, which are kept; this run writes '
+                 f'to {new} (use --resume to continue the earlier run instead)')
+
+
+def check_writable(work_dir: str) -> None:
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=work_dir):
+            pass
+    except OSError as exc:
+        raise PermissionError(
+            f'cannot write to the work dir {work_dir!r} ({exc.strerror or exc}); '
+            'choose a writable one with --work-dir') from None
+
+
+# ----------------------------------------------------------------------------- data files
+def _datasets(dataset_cfg: Any) -> Iterator[dict]:
+    """The leaf dataset configs inside wrappers (Repeat/Concat/ClassBalanced...)."""
+    if isinstance(dataset_cfg, dict):
+        if 'dataset' in dataset_cfg:
+            yield from _datasets(dataset_cfg['dataset'])
+        elif 'datasets' in dataset_cfg:
+            for item in dataset_cfg['datasets']:
+                yield from _datasets(item)
+        else:
+            yield dataset_cfg
+
+
+def check_data_files(cfg: Config, loaders: Sequence[str]) -> None:
+    """Fail early, naming the file and the fix, when annotations or image
+    folders a loader needs are missing, or a JSON annotation file is broken."""
+    for loader in loaders:
+        loader_cfg = cfg.get(loader)
+        if not loader_cfg:
+            continue
+        for ds in _datasets(loader_cfg.get('dataset')):
+            root = ds.get('data_root') or ''
+            ann = ds.get('ann_file') or ''
+            if ann and not ann.startswith(('http://', 'https://', 's3://')):
+                path = ann if osp.isabs(ann) else osp.join(root, ann)
+                if not osp.isfile(path):
+                    raise FileNotFoundError(
+                        f'annotation file not found: {path!r} ({loader}.dataset.ann_file). Lay the data '
+                        'out as the README describes (e.g. data/coco/annotations/instances_train2017.json) '
+                        'or point data_root/ann_file at it with --cfg-options; the demos write theirs '
+                        'with tools/demo/*.py.')
+                if path.endswith('.json'):
+                    _check_json(path, loader)
+            prefix = ds.get('data_prefix') or {}
+            folders = prefix.values() if isinstance(prefix, dict) else [prefix]
+            for folder in folders:
+                if isinstance(folder, str) and folder:
+                    path = folder if osp.isabs(folder) else osp.join(root, folder)
+                    if not osp.isdir(path):
+                        raise FileNotFoundError(
+                            f'image/label folder not found: {path!r} ({loader}.dataset.data_prefix). '
+                            'Check data_root and data_prefix (see the README for the expected layout).')
+
+
+def _check_json(path: str, loader: str) -> None:
+    size = osp.getsize(path)
+    with open(path, 'rb') as f:
+        try:
+            if size <= 64 * 2 ** 20:  # parse small files fully; big ones: the dataset will
+                json.load(f)
+            elif f.read(4096).lstrip()[:1] not in (b'{', b'['):
+                raise json.JSONDecodeError('does not start with { or [', '', 0)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f'annotation file {path!r} ({loader}) is not valid JSON: {exc}. It is probably '
+                'truncated or not an annotation file; download or generate it again.') from None
+
+
+# ----------------------------------------------------------------------------- entry points
 def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = 'none',
-                work_dir: Optional[str] = None) -> Config:
+                work_dir: Optional[str] = None, resume: Optional[str] = None,
+                mode: str = 'train') -> Config:
     """Read a config as mmdet's tools do, with clear errors, ready to run here.
 
-    Work dir priority: ``work_dir`` argument > the config's > ``work_dirs/<name>``.
+    Args:
+        path: config file.
+        cfg_options: ``--cfg-options`` overrides.
+        launcher: ``'none'``, ``'pytorch'``, ``'slurm'`` or ``'mpi'``.
+        work_dir: overrides the config's; default ``work_dirs/<config name>``.
+        resume: ``'auto'`` (latest checkpoint), a checkpoint path, or None.
+        mode: ``'train'`` (checks train/val data, protects earlier runs,
+            adds :class:`NonFiniteCheckHook`) or ``'test'`` (checks test data).
     """
     if not osp.isfile(path):
         raise FileNotFoundError(
@@ -93,24 +223,44 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
     detect_library(cfg)
-    _, notes = adapt_to_device(cfg, distributed=launcher != 'none')
+    notes: List[str] = []
+    if mode == 'train':
+        cfg.work_dir, note = choose_work_dir(cfg.work_dir, resume)
+        notes += [note] if note else []
+        if resume == 'auto':
+            cfg.resume, cfg.load_from = True, None
+        elif resume is not None:
+            if not osp.isfile(resume):
+                raise FileNotFoundError(f'checkpoint to resume from not found: {resume!r}')
+            cfg.resume, cfg.load_from = True, resume
+        hooks = list(cfg.get('custom_hooks') or [])
+        if not any(h.get('type') == 'NonFiniteCheckHook' for h in hooks):
+            cfg.custom_hooks = hooks + [dict(type='NonFiniteCheckHook')]
+        check_data_files(cfg, ['train_dataloader', 'val_dataloader'])
+    else:
+        check_data_files(cfg, ['test_dataloader'])
+    check_writable(cfg.work_dir)
+    notes += adapt_to_device(cfg, distributed=launcher != 'none')[1]
     for note in notes:
         print_log(note, logger='current', level=logging.WARNING)
     return cfg
 
 
 def build_runner(cfg: Config):
-    """``Runner.from_cfg`` (or the config's ``runner_type``), able to resume.
+    """``Runner.from_cfg`` (or the config's ``runner_type``).
 
-    mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; torch >= 2.6
-    then refuses the non-tensor objects in mmengine's own checkpoints. We
-    allow-list exactly those (not "unpickle anything") before building.
+    Checkpoints load through torch's ``weights_only`` allow-list, which
+    ``import mmconv2former`` extends by exactly the classes mmengine's own
+    checkpoints need. A CPU-only ``torchrun`` launch gets its gloo process
+    group here: mmengine's launcher would first call ``torch.cuda.set_device``.
     """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    from ..checkpoint import allow_mmengine_checkpoints
-    allow_mmengine_checkpoints()
+    import torch.distributed as dist
+    if cfg.get('launcher', 'none') == 'pytorch' and not torch.cuda.is_available() \
+            and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
