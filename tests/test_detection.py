@@ -199,3 +199,15 @@ def test_train_then_test_tools_end_to_end(tiny_coco, tmp_path):
     out = inferencer(image, out_dir=str(tmp_path / 'vis'), no_save_pred=True)
     assert len(out['predictions']) == 1
     assert glob.glob(str(tmp_path / 'vis' / 'vis' / '*.png'))
+
+
+@pytest.mark.slow
+def test_demo_really_learns(tmp_path):
+    """A shortened demo (2 epochs) must reach an mAP far above chance (~0)."""
+    from tools.demo.detection_demo import main
+    summary = main(['--epochs', '2', '--work-dir', str(tmp_path / 'work'),
+                    '--data-root', str(tmp_path / 'coco_demo'), '--num-vis', '2'])
+    assert summary['bbox_mAP'] >= 0.05, summary
+    assert summary['segm_mAP'] >= 0.05, summary
+    assert osp.isfile(summary['curves']) and osp.getsize(summary['curves']) > 10_000
+    assert len(glob.glob(osp.join(summary['predictions'], '*.png'))) == 2

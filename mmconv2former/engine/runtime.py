@@ -207,7 +207,8 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
         work_dir: overrides the config's; default ``work_dirs/<config name>``.
         resume: ``'auto'`` (latest checkpoint), a checkpoint path, or None.
         mode: ``'train'`` (checks train/val data, protects earlier runs,
-            adds :class:`NonFiniteCheckHook`) or ``'test'`` (checks test data).
+            adds :class:`NonFiniteCheckHook`, and mmengine's ``SyncBuffersHook``
+            for distributed runs) or ``'test'`` (checks test data).
     """
     if not osp.isfile(path):
         raise FileNotFoundError(
@@ -218,6 +219,9 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
     cfg.launcher = launcher
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+        if 'custom_imports' in cfg:  # Config.fromfile imported only the file's own list
+            from mmengine.utils import import_modules_from_strings
+            import_modules_from_strings(**cfg.custom_imports)
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
@@ -234,8 +238,15 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
                 raise FileNotFoundError(f'checkpoint to resume from not found: {resume!r}')
             cfg.resume, cfg.load_from = True, resume
         hooks = list(cfg.get('custom_hooks') or [])
-        if not any(h.get('type') == 'NonFiniteCheckHook' for h in hooks):
-            cfg.custom_hooks = hooks + [dict(type='NonFiniteCheckHook')]
+        wanted = ['NonFiniteCheckHook']
+        if launcher != 'none':
+            # BatchNorm running statistics are per process under DDP; averaging
+            # them every epoch keeps replicas (and the saved checkpoint) identical.
+            wanted.append('SyncBuffersHook')
+        for name in wanted:
+            if not any(h.get('type') == name for h in hooks):
+                hooks.append(dict(type=name))
+        cfg.custom_hooks = hooks
         check_data_files(cfg, ['train_dataloader', 'val_dataloader'])
     else:
         check_data_files(cfg, ['test_dataloader'])
