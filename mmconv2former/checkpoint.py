@@ -68,6 +68,10 @@ def safe_load(path: str, extra_safe_globals: Sequence = ()) -> dict:
     # Release files and mmengine's own checkpoints (e.g. a detector used as
     # `init_cfg` with prefix='backbone.') are both readable.
     allowed = list(RELEASE_SAFE_GLOBALS) + mmengine_safe_globals() + list(extra_safe_globals)
+    # torch's context manager removes on exit what it added, even entries that
+    # were allow-listed before (see allow_mmengine_checkpoints): add only new ones.
+    present = set(torch.serialization.get_safe_globals())
+    allowed = [g for g in allowed if g not in present]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location='cpu', weights_only=True)

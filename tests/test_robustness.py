@@ -318,7 +318,7 @@ def test_non_finite_input_stops_before_the_update():
 
 def test_train_tool_adds_the_non_finite_check(coco, tmp_path):
     from mmconv2former.engine.runtime import load_config
-    cfg = load_config(DEMO_CONFIG, work_dir=str(tmp_path / 'w'),
+    cfg = load_config(DEMO_CONFIG, work_dir=str(tmp_path / 'w'), mode='train',
                       cfg_options={'train_dataloader.dataset.data_root': coco + '/',
                                    'val_dataloader.dataset.data_root': coco + '/'})
     assert [h['type'] for h in cfg.custom_hooks].count('NonFiniteCheckHook') == 1
@@ -340,3 +340,13 @@ def test_variant_mismatch_in_backbone_loading(release_checkpoint):
     path = release_checkpoint(ReferenceConv2Former(**dict(TINY, kernel_size=3)).state_dict())
     with pytest.raises(CheckpointMismatchError, match=r'\(16, 1, 3, 3\) vs model \(16, 1, 5, 5\)'):
         Conv2Former(TINY).load_release_weights(path)
+
+
+def test_safe_load_keeps_the_global_allow_list(tmp_path, release_checkpoint):
+    """torch.serialization.safe_globals removes on exit what it added; loading a
+    release file must not drop the mmengine classes added at import."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    before = set(torch.serialization.get_safe_globals())
+    assert HistoryBuffer in before
+    safe_load(release_checkpoint({'w': torch.zeros(1)}))
+    assert set(torch.serialization.get_safe_globals()) == before

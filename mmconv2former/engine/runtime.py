@@ -197,7 +197,7 @@ def _check_json(path: str, loader: str) -> None:
 # ----------------------------------------------------------------------------- entry points
 def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = 'none',
                 work_dir: Optional[str] = None, resume: Optional[str] = None,
-                mode: str = 'train') -> Config:
+                mode: Optional[str] = None) -> Config:
     """Read a config as mmdet's tools do, with clear errors, ready to run here.
 
     Args:
@@ -206,9 +206,11 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
         launcher: ``'none'``, ``'pytorch'``, ``'slurm'`` or ``'mpi'``.
         work_dir: overrides the config's; default ``work_dirs/<config name>``.
         resume: ``'auto'`` (latest checkpoint), a checkpoint path, or None.
-        mode: ``'train'`` (checks train/val data, protects earlier runs,
-            adds :class:`NonFiniteCheckHook`, and mmengine's ``SyncBuffersHook``
-            for distributed runs) or ``'test'`` (checks test data).
+        mode: ``'train'`` (checks train/val data and the work dir, protects
+            earlier runs, adds :class:`NonFiniteCheckHook`, and mmengine's
+            ``SyncBuffersHook`` for distributed runs), ``'test'`` (checks test
+            data and the work dir) or None (only read and adapt, e.g. to build
+            the model).
     """
     if not osp.isfile(path):
         raise FileNotFoundError(
@@ -248,9 +250,10 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
                 hooks.append(dict(type=name))
         cfg.custom_hooks = hooks
         check_data_files(cfg, ['train_dataloader', 'val_dataloader'])
-    else:
+    elif mode == 'test':
         check_data_files(cfg, ['test_dataloader'])
-    check_writable(cfg.work_dir)
+    if mode is not None:
+        check_writable(cfg.work_dir)
     notes += adapt_to_device(cfg, distributed=launcher != 'none')[1]
     for note in notes:
         print_log(note, logger='current', level=logging.WARNING)

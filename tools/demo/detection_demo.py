@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
         parser = argparse.ArgumentParser()
         parser.add_argument('--o', nargs='+', action=DictAction)
         extra = parser.parse_args(['--o', *args.cfg_options]).o
-    cfg = load_config(args.config, {**options, **extra}, work_dir=args.work_dir)
+    cfg = load_config(args.config, {**options, **extra}, work_dir=args.work_dir, mode='train')
 
     runner = build_runner(cfg)
     train_start = time.time()

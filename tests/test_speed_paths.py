@@ -1,0 +1,165 @@
+"""The backbone's fast paths compute what the release-style reference computes.
+
+The speed work (fused GEMMs, layer scale folded into the projection, in-place
+activations when autograd is off, CPU cache blocking, channels-last stem,
+stem BatchNorm folding) must not change a number beyond float rounding:
+fp32 outputs within 1e-4 of :class:`ReferenceConv2Former` on random weights,
+layer scales included, and gradients equal to the reference's.
+"""
+import importlib.util
+import os.path as osp
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmconv2former import Conv2Former
+from mmconv2former.models.conv2former import Conv2FormerBlock
+from mmconv2former.models.reference import ReferenceConv2Former
+from test_conv2former import TINY, randomise
+
+ATOL = 1e-4
+
+
+def pair(arch=TINY, **kwargs):
+    """A reference with random weights and our backbone holding the same weights."""
+    ref = randomise(ReferenceConv2Former(**arch)).eval()
+    ours = Conv2Former(arch, out_norm=False, **kwargs).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items()
+                          if not k.startswith(('head.', 'pred.'))})
+    return ours, ref
+
+
+def assert_matches(outs, ref_outs):
+    for ours, theirs in zip(outs, ref_outs):
+        assert theirs.abs().max() > 0.1  # the comparison is not between zeros
+        assert (ours - theirs).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'autograd'])
+@pytest.mark.parametrize('chunk_pixels', [1, 10 ** 9], ids=['chunked', 'whole-batch'])
+def test_inference_paths_match_reference(grad, chunk_pixels):
+    """No-grad (in-place, cache-blocked) and autograd paths, in eval mode."""
+    ours, ref = pair()
+    ours.cpu_chunk_pixels = chunk_pixels  # 1: every image on its own, at every stage
+    x = torch.randn(3, 3, 64, 64)
+    x_before = x.clone()
+    with torch.set_grad_enabled(grad):
+        outs = ours(x)
+    with torch.no_grad():
+        assert_matches(outs, ref.forward_stages(x))
+    assert torch.equal(x, x_before)  # in-place work never touches the caller's tensor
+
+
+def test_training_forward_and_gradients_match_reference():
+    """The fused residual GEMM (layer scale folded into proj) under autograd."""
+    ours, ref = pair()
+    ours.train()  # stem BatchNorm on batch statistics, as the reference in train mode
+    ref.train()
+    x = torch.randn(2, 3, 64, 64)
+    outs, ref_outs = ours(x), ref.forward_stages(x)
+    assert_matches(outs, ref_outs)
+    sum((o ** 2).mean() for o in outs).backward()
+    sum((o ** 2).mean() for o in ref_outs).backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        expected = ref_params[name].grad
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_block_keeps_an_fp32_residual_under_autocast():
+    """Under autocast the residual add stays fp32 (the fused GEMM would round it)."""
+    block = Conv2FormerBlock(16, 5).eval()
+    x = torch.randn(2, 8, 8, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
+        out = block(x)
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(out, block(x), atol=0.05, rtol=0.05)
+
+
+def test_drop_path_training_path_is_unfused_and_random():
+    torch.manual_seed(0)
+    block = Conv2FormerBlock(16, 5, drop_path=0.5, layer_scale_init_value=1.0).train()
+    x = torch.randn(8, 4, 4, 16)
+    kept = [(block(x) - x).flatten(1).abs().sum(1) for _ in range(2)]
+    assert not torch.equal(kept[0], kept[1])  # stochastic depth really drops samples
+
+
+def random_block(drop_path: float = 0.0) -> Conv2FormerBlock:
+    torch.manual_seed(0)
+    block = Conv2FormerBlock(16, 5, drop_path=drop_path)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if 'layer_scale' in name or name.endswith('norm.weight'):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    return block
+
+
+def test_block_compiles_without_graph_breaks_and_matches_eager():
+    """fullgraph=True fails on any graph break; the no-grad path has the in-place ops."""
+    torch._dynamo.reset()
+    block = random_block(drop_path=0.1).eval()
+    x = torch.randn(2, 8, 8, 16)
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_block_compiles_for_training_and_matches_eager():
+    torch._dynamo.reset()
+    block = random_block().train()
+    eager = random_block().train()
+    x = torch.randn(2, 8, 8, 16)
+    compiled = torch.compile(block, fullgraph=True)
+    out, expected = compiled(x), eager(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for (name, p), q in zip(block.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fuse_stem_bn_is_exact_and_documented():
+    ours, _ = pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = ours(x)
+        assert ours.fuse_stem_bn() is ours
+        fused = ours(x)
+    for a, b in zip(fused, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    stem = ours.downsample_layers[0]
+    assert isinstance(stem[5], nn.Identity) and stem[6].bias is not None
+    assert isinstance(stem[2], nn.BatchNorm2d)  # before a zero-padded conv: not foldable exactly
+    ours.fuse_stem_bn()  # a second call is a no-op
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], fused[0])
+
+
+def test_fuse_stem_bn_refuses_training_mode():
+    with pytest.raises(RuntimeError, match='eval'):
+        Conv2Former(TINY).train().fuse_stem_bn()
+
+
+def test_benchmark_cpu_peak_memory_counts_what_is_live_at_once():
+    """The benchmark's CPU peak (torch.profiler allocation events) on a known pattern."""
+    path = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools', 'analysis', 'benchmark.py')
+    spec = importlib.util.spec_from_file_location('benchmark', path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    existing = torch.ones(4_000_000)  # live before the step: not counted
+
+    def step():
+        a = torch.ones(1_000_000)
+        b = torch.ones(2_000_000)
+        del a
+        c = torch.ones(3_000_000)
+        return b.sum() + c.sum() + existing[0]
+
+    peak = benchmark.peak_memory(step, 'cpu')
+    assert abs(peak - 5_000_000 * 4) <= 1024  # b and c together, a already freed
