@@ -1,3 +1,4 @@
+from .classifier import Conv2FormerNeck  # noqa: F401  (registers the classification neck)
 from .conv2former import Conv2Former, Conv2FormerBlock, ConvMLP, ConvModulation
 from .layers import ConvNHWC, DropPath, LayerNorm2d
 

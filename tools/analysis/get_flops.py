@@ -128,8 +128,8 @@ def config_complexity(path: str, shape: Tuple[int, int], cfg_options: Optional[d
         image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
         data = model.data_preprocessor(dict(inputs=[image], data_samples=samples), training=False)
         inputs = data['inputs']
-        flops, params = count(_TensorForward(model, data['data_samples'] if library != 'mmpretrain' else None),
-                              (inputs, ), count_layer_norm)
+        samples = data['data_samples'] if library != 'mmpretrain' else None  # a classifier needs none
+        flops, params = count(_TensorForward(model, samples), (inputs, ), count_layer_norm)
     return flops, params, tuple(inputs.shape[-2:])
 
 
@@ -141,7 +141,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', nargs='?', help='a config file (mmpretrain, mmdet or mmseg)')
     parser.add_argument('--arch', nargs='+', help=f'variants, any of {sorted(Conv2Former.arch_settings)}')
-    parser.add_argument('--shape', type=int, nargs='+', default=[224], help='input size: H or H W (default 224)')
+    parser.add_argument('--shape', type=int, nargs='+', default=[224],
+                        help='input size: H or H W (default 224)')
     parser.add_argument('--backbone-only', action='store_true', help='with --arch: the backbone alone')
     parser.add_argument('--num-classes', type=int, default=1000, help='with --arch: classifier width')
     parser.add_argument('--count-layer-norm', action='store_true',

@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     if args.epochs is not None:
         options['train_cfg.max_epochs'] = args.epochs
-        options['train_cfg.val_interval'] = max(1, min(4, args.epochs))
+        options['train_cfg.val_interval'] = max(1, min(2, args.epochs))
         options['param_scheduler.1.end'] = args.epochs
-        options['default_hooks.checkpoint.interval'] = max(1, min(4, args.epochs))
+        options['default_hooks.checkpoint.interval'] = max(1, min(2, args.epochs))
     from mmengine.config import DictAction
     extra = {}
     if args.cfg_options:

@@ -1,0 +1,6 @@
+# Conv2Former-B on ImageNet-1k, the release's recipe (see conv2former-t_8xb128_in1k.py).
+_base_ = './conv2former-t_8xb128_in1k.py'
+
+model = dict(
+    backbone=dict(arch='b', drop_path_rate=0.4),
+    neck=dict(in_channels=768))
