@@ -1,6 +1,12 @@
 import argparse
+import os
 import os.path as osp
 import sys
+
+# OpenMP threads that spin while waiting make 2-thread torch 5-20x slower as
+# soon as another process shares the 2 cores (as CI and developers' test runs
+# do); passive waiting costs nothing on an idle machine. Set before torch loads.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import pytest
 import torch
