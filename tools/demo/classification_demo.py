@@ -13,7 +13,6 @@ printed and saved as JSON.
 """
 import argparse
 import glob
-import json
 import os
 import os.path as osp
 import sys
@@ -28,8 +27,8 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from mmconv2former.datasets.demo_imagefolder import CLASSES, generate_imagefolder_demo  # noqa: E402
-from mmconv2former.engine.runtime import build_runner, load_config  # noqa: E402
 from mmconv2former.utils.curves import plot_training_curves  # noqa: E402
+from mmconv2former.utils.demo import parse_cfg_options, report, train_and_test  # noqa: E402
 
 CONFIG = osp.join(ROOT, 'configs', 'demo', 'conv2former-n_1xb32_shapes-demo.py')
 
@@ -57,21 +56,9 @@ def run(args: argparse.Namespace) -> dict:
         options.update({'train_cfg.max_epochs': args.epochs, 'train_cfg.val_interval': interval,
                         'param_scheduler.1.end': args.epochs,
                         'default_hooks.checkpoint.interval': interval})
-    from mmengine.config import DictAction
-    extra = {}
-    if args.cfg_options:
-        parser = argparse.ArgumentParser()
-        parser.add_argument('--o', nargs='+', action=DictAction)
-        extra = parser.parse_args(['--o', *args.cfg_options]).o
-    cfg = load_config(args.config, {**options, **extra}, work_dir=args.work_dir, mode='train')
-
-    runner = build_runner(cfg)
-    train_start = time.time()
-    runner.train()
-    train_seconds = time.time() - train_start
-    metrics = runner.test()
+    cfg, runner, metrics, train_seconds, checkpoint = train_and_test(
+        args.config, {**options, **parse_cfg_options(args.cfg_options)}, args.work_dir)
     work_dir = runner.work_dir
-    checkpoint = open(osp.join(work_dir, 'last_checkpoint')).read().strip()
 
     # mmpretrain's own inferencer on our config and checkpoint
     from mmpretrain.apis import ImageClassificationInferencer
@@ -92,12 +79,7 @@ def run(args: argparse.Namespace) -> dict:
         val_images=len(runner.test_dataloader.dataset), train_seconds=round(train_seconds, 1),
         total_seconds=round(time.time() - start, 1), threads=os.cpu_count(),
         checkpoint=checkpoint, curves=curves, predictions=predictions)
-    with open(osp.join(work_dir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
-    print('\n=== Conv2Former-N classifier on the demo set ===')
-    for key, value in summary.items():
-        if key != 'predictions':
-            print(f'{key:>14}: {value}')
+    report(work_dir, 'Conv2Former-N classifier on the demo set', summary, hide=('predictions', ))
     for p in predictions:
         print(f"{p['image']:>28}: {p['predicted']:<8} ({p['score']:.3f}), truth {p['truth']}")
     return summary

@@ -12,7 +12,6 @@ Everything lands in the work dir; a summary is printed and saved as JSON.
 """
 import argparse
 import glob
-import json
 import os
 import os.path as osp
 import sys
@@ -22,8 +21,8 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from mmconv2former.datasets.demo_coco import generate_coco_demo  # noqa: E402
-from mmconv2former.engine.runtime import build_runner, load_config  # noqa: E402
 from mmconv2former.utils.curves import plot_training_curves  # noqa: E402
+from mmconv2former.utils.demo import parse_cfg_options, report, train_and_test  # noqa: E402
 
 CONFIG = osp.join(ROOT, 'configs', 'demo', 'mask-rcnn_conv2former-n_fpn_demo.py')
 
@@ -57,21 +56,9 @@ def run(args: argparse.Namespace) -> dict:
         options['train_cfg.val_interval'] = max(1, min(2, args.epochs))
         options['param_scheduler.1.end'] = args.epochs
         options['default_hooks.checkpoint.interval'] = max(1, min(2, args.epochs))
-    from mmengine.config import DictAction
-    extra = {}
-    if args.cfg_options:
-        parser = argparse.ArgumentParser()
-        parser.add_argument('--o', nargs='+', action=DictAction)
-        extra = parser.parse_args(['--o', *args.cfg_options]).o
-    cfg = load_config(args.config, {**options, **extra}, work_dir=args.work_dir, mode='train')
-
-    runner = build_runner(cfg)
-    train_start = time.time()
-    runner.train()
-    train_seconds = time.time() - train_start
-    metrics = runner.test()
+    cfg, runner, metrics, train_seconds, checkpoint = train_and_test(
+        args.config, {**options, **parse_cfg_options(args.cfg_options)}, args.work_dir)
     work_dir = runner.work_dir
-    checkpoint = open(osp.join(work_dir, 'last_checkpoint')).read().strip()
 
     # mmdet's own inferencer on our config and checkpoint
     from mmdet.apis import DetInferencer
@@ -89,12 +76,7 @@ def run(args: argparse.Namespace) -> dict:
         epochs=cfg.train_cfg.max_epochs, train_seconds=round(train_seconds, 1),
         total_seconds=round(time.time() - start, 1), threads=os.cpu_count(),
         checkpoint=checkpoint, predictions=osp.join(vis_dir, 'vis'), curves=curves)
-    with open(osp.join(work_dir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
-    print('\n=== Conv2Former-N Mask R-CNN on the demo set ===')
-    for key, value in summary.items():
-        print(f'{key:>14}: {value}')
-    return summary
+    return report(work_dir, 'Conv2Former-N Mask R-CNN on the demo set', summary)
 
 
 def main(argv=None) -> dict:
