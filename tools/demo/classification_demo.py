@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
         top1=metrics.get('accuracy/top1'), chance=round(100 / len(CLASSES), 1),
         epochs=cfg.train_cfg.max_epochs, train_images=len(runner.train_dataloader.dataset),
         val_images=len(runner.test_dataloader.dataset), train_seconds=round(train_seconds, 1),
-        total_seconds=round(time.time() - start, 1), threads=os.cpu_count(),
+        total_seconds=round(time.time() - start, 1), threads=__import__('torch').get_num_threads(),
         checkpoint=checkpoint, curves=curves, predictions=predictions)
     report(work_dir, 'Conv2Former-N classifier on the demo set', summary, hide=('predictions', ))
     for p in predictions:

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
         bbox_mAP=metrics.get('coco/bbox_mAP'), segm_mAP=metrics.get('coco/segm_mAP'),
         bbox_mAP_50=metrics.get('coco/bbox_mAP_50'), segm_mAP_50=metrics.get('coco/segm_mAP_50'),
         epochs=cfg.train_cfg.max_epochs, train_seconds=round(train_seconds, 1),
-        total_seconds=round(time.time() - start, 1), threads=os.cpu_count(),
+        total_seconds=round(time.time() - start, 1), threads=__import__('torch').get_num_threads(),
         checkpoint=checkpoint, predictions=osp.join(vis_dir, 'vis'), curves=curves)
     return report(work_dir, 'Conv2Former-N Mask R-CNN on the demo set', summary)
 
