@@ -87,8 +87,11 @@ def arch_complexity(arch, shape: Tuple[int, int] = (224, 224), backbone_only: bo
         forward = model
     else:
         import mmpretrain.models  # noqa: F401  (ImageClassifier, LinearClsHead)
+        from mmengine.registry import DefaultScope
         from mmpretrain.registry import MODELS
-        model = MODELS.build(classifier_cfg(arch, num_classes))
+        # build in mmpretrain's scope whatever scope the caller left current
+        with DefaultScope.overwrite_default_scope('mmpretrain'):
+            model = MODELS.build(classifier_cfg(arch, num_classes))
         forward = _TensorForward(model, None)
     model.eval()
     return count(forward, (torch.randn(1, 3, *shape), ), count_layer_norm)
