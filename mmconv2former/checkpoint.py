@@ -232,7 +232,8 @@ def check_model_checkpoint(model: torch.nn.Module, path: str) -> None:
     state = safe_load(path)
     state = state.get('state_dict', state) if isinstance(state, dict) else state
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-    own = model.state_dict()
+    # test-time-augmentation wrappers (SegTTAModel, DetTTAModel) hold the model as `.module`
+    own = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in model.state_dict().items()}
     hint = 'Use the config the checkpoint was trained with.'
     backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     if any(k.startswith('stages.') for k in backbone):
