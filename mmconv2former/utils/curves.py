@@ -6,11 +6,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def find_scalars(work_dir: str) -> str:
-    """The newest ``<work_dir>/<timestamp>/vis_data/scalars.json``."""
-    found = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))
-    if not found:
-        raise FileNotFoundError(f'no vis_data/scalars.json under {work_dir!r}: has training run there?')
-    return found[-1]
+    """The newest run's scalar log under ``work_dir``.
+
+    mmengine's LocalVisBackend writes ``<timestamp>/vis_data/scalars.json``;
+    with some visualizers only the LoggerHook's ``<timestamp>/<timestamp>.json``
+    (same one-JSON-record-per-line format) is written.
+    """
+    for pattern in ('*/vis_data/scalars.json', '*/*.json'):
+        found = sorted(p for p in glob.glob(osp.join(work_dir, pattern))
+                       if pattern != '*/*.json' or osp.basename(p)[:-5] == osp.basename(osp.dirname(p)))
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f'no training log (vis_data/scalars.json or <timestamp>.json) under '
+                            f'{work_dir!r}: has training run there?')
 
 
 def read_scalars(path: str) -> Tuple[Dict[str, List[Tuple[int, float]]], Dict[str, List[Tuple[int, float]]]]:
