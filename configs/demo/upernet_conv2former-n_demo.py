@@ -1,17 +1,19 @@
 # UperNet with Conv2Former-N, trained from scratch on the embedded ADE-format
-# demo set (textured background + circles, squares, triangles; 128x128) on a
-# CPU in a few minutes, evaluated with mmseg's IoUMetric.
+# demo set (textured background + circles, squares, triangles; 96x96) on a CPU
+# in minutes, evaluated with mmseg's IoUMetric.
 #   python tools/demo/segmentation_demo.py     (generates data, trains, evaluates, draws)
-# The ADE recipe scaled down: 128x128 crops, a 64-channel UperNet head instead
-# of 512, AdamW with a higher lr and a short warm-up because nothing is
-# pretrained, whole-image test (the images are no larger than a crop).
+# The ADE recipe scaled down: whole 96x96 images, a 64-channel UperNet head
+# instead of 512, AdamW at a higher lr held constant after a short warm-up and
+# decayed over the last fifth (nothing is pretrained), whole-image test.
+# From scratch the model finds the shapes within ~100 iterations but only
+# starts to tell circles, squares and triangles apart after several hundred.
 _base_ = 'mmseg::convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py'
 custom_imports = dict(imports=['mmconv2former'], allow_failed_imports=False)
 
 data_root = 'data/ade_demo/'
 metainfo = dict(classes=('background', 'circle', 'square', 'triangle'),
                 palette=[(40, 40, 40), (220, 20, 60), (0, 128, 255), (0, 200, 0)])
-crop_size = (128, 128)
+crop_size = (96, 96)
 norm_cfg = dict(type='BN', requires_grad=True)
 
 model = dict(
@@ -28,13 +30,12 @@ model = dict(
     auxiliary_head=dict(in_channels=256, channels=32, num_classes=4, norm_cfg=norm_cfg),
     test_cfg=dict(_delete_=True, mode='whole'))
 
+# flips only: cropping cuts shapes, whose outline is their class, and the
+# colours are random already
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),
-    dict(type='RandomResize', scale=crop_size, ratio_range=(0.75, 1.5), keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.9),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PhotoMetricDistortion'),
+    dict(type='RandomFlip', prob=[0.25, 0.25], direction=['horizontal', 'vertical']),
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
@@ -66,23 +67,24 @@ val_dataloader = dict(
                  data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation')))
 test_dataloader = val_dataloader
 
-max_iters = 300
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=100)
+max_iters = 800
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=200)
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
     constructor='LayerDecayOptimWrapperConstructor',
     paramwise_cfg=dict(decay_rate=1.0),  # no decay from scratch; keeps no-wd on norms/biases/scales
-    optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.05),
     clip_grad=dict(max_norm=10.0))
+# warm-up, constant, then a linear decay over the last fifth
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=30),
-    dict(type='PolyLR', power=1.0, eta_min=1e-5, by_epoch=False, begin=30, end=max_iters),
+    dict(type='PolyLR', power=1.0, eta_min=1e-5, by_epoch=False, begin=int(0.8 * max_iters), end=max_iters),
 ]
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=False),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=100, max_keep_ckpts=1))
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=200, max_keep_ckpts=1))
 log_processor = dict(by_epoch=False, window_size=10)
 env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
 randomness = dict(seed=0, deterministic=False)

@@ -86,7 +86,7 @@ def _split(root: str, split: str, count: int, size: Tuple[int, int], seed: int, 
 
 
 def generate_ade_demo(root: str = 'data/ade_demo', num_train: int = 400, num_val: int = 80,
-                      size: Tuple[int, int] = (128, 128), seed: int = 0, border: int = 1) -> str:
+                      size: Tuple[int, int] = (96, 96), seed: int = 0, border: int = 1) -> str:
     """Write the demo set under ``root`` (skipped when already there)."""
     settings = dict(num_train=num_train, num_val=num_val, size=list(size), seed=seed,
                     border=border, classes=list(CLASSES), version=1)
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument('root', nargs='?', default='data/ade_demo')
     parser.add_argument('--num-train', type=int, default=400)
     parser.add_argument('--num-val', type=int, default=80)
-    parser.add_argument('--size', type=int, nargs=2, default=(128, 128), metavar=('H', 'W'))
+    parser.add_argument('--size', type=int, nargs=2, default=(96, 96), metavar=('H', 'W'))
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--border', type=int, default=1, help='unlabelled pixels each side of an outline')
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Train and evaluate a Conv2Former UperNet on the embedded ADE-format demo
 set, then show what it learned.
 
-    python tools/demo/segmentation_demo.py [--iters 300] [--work-dir work_dirs/demo_segmentation]
+    python tools/demo/segmentation_demo.py [--iters 800] [--work-dir work_dirs/demo_segmentation]
 
 Steps: write the deterministic demo set (data/ade_demo, skipped when present),
 train Conv2Former-N UperNet from scratch on the CPU with ``tools/train.py``'s
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.iters is not None:
         options['train_cfg.max_iters'] = args.iters
         options['train_cfg.val_interval'] = max(1, min(200, args.iters))
+        options['param_scheduler.1.begin'] = int(0.8 * args.iters)  # the config's final decay
         options['param_scheduler.1.end'] = args.iters
         options['default_hooks.checkpoint.interval'] = max(1, min(200, args.iters))
     cfg, runner, metrics, train_seconds, checkpoint = train_and_test(
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> dict:
                                   metrics=['mIoU', 'mAcc', 'aAcc'],
                                   title='Conv2Former-N UperNet, demo set')
     summary = dict(
-        mIoU=metrics.get('mIoU'), mAcc=metrics.get('mAcc'), aAcc=metrics.get('aAcc'),
+        # IoUMetric returns numpy float32s, which json cannot write
+        **{key: round(float(metrics[key]), 2) for key in ('mIoU', 'mAcc', 'aAcc')},
         iters=cfg.train_cfg.max_iters, train_seconds=round(train_seconds, 1),
         total_seconds=round(time.time() - start, 1), threads=__import__('torch').get_num_threads(),
         checkpoint=checkpoint, predictions=osp.join(vis_dir, 'vis'), curves=curves)
