@@ -49,6 +49,8 @@ def test_inference_paths_match_reference(grad, chunk_pixels):
     with torch.no_grad():
         assert_matches(outs, ref.forward_stages(x))
     assert torch.equal(x, x_before)  # in-place work never touches the caller's tensor
+    with torch.inference_mode():
+        assert_matches(ours(x), ref.forward_stages(x))
 
 
 def test_training_forward_and_gradients_match_reference():
@@ -66,6 +68,64 @@ def test_training_forward_and_gradients_match_reference():
         expected = ref_params[name].grad
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_inference_weight_cache_follows_every_weight_change():
+    """Derived weights (stacked att.0/v, layer scale folded into proj/fc2) are
+    cached between no-grad calls; in-place updates (optimiser steps, EMA,
+    load_state_dict) and dtype moves must never leave a stale copy."""
+    ours, ref = pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours(x)  # fills the caches
+        new_weights = randomise(ReferenceConv2Former(**TINY), seed=1).state_dict()
+        ours.load_state_dict({k: v for k, v in new_weights.items()
+                              if not k.startswith(('head.', 'pred.'))})
+        ref.load_state_dict(new_weights)
+        assert_matches(ours(x), ref.forward_stages(x))
+    # an optimiser step on the cached parameters only
+    cached = [p for n, p in ours.named_parameters()
+              if n.endswith(('att.0.weight', 'v.bias', 'proj.weight', 'fc2.bias', 'layer_scale_1'))]
+    for p in cached:
+        p.grad = torch.ones_like(p)
+    torch.optim.SGD(cached, lr=0.1).step()
+    ref.load_state_dict(ours.state_dict(), strict=False)
+    with torch.no_grad():
+        assert_matches(ours(x), ref.forward_stages(x))
+        ours.double()
+        outs = ours(x.double())
+    assert all(o.dtype == torch.float64 for o in outs)
+    with torch.no_grad():
+        assert_matches([o.float() for o in outs], ref.forward_stages(x))
+    with torch.inference_mode():  # weights made here have no version counter
+        model = Conv2Former(TINY, out_norm=False).eval()
+        model.load_state_dict(ours.float().state_dict())
+        assert_matches(model(x), ref.forward_stages(x))
+
+
+def test_standalone_block_leaves_its_input_alone_without_grad():
+    """Only the backbone's own stage loop accumulates into its input."""
+    block = random_block().eval()
+    x = torch.randn(2, 8, 8, 16)
+    x_before = x.clone()
+    with torch.no_grad():
+        first, second = block(x), block(x)
+    assert torch.equal(x, x_before)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize('chunk_pixels', [1, 10 ** 9], ids=['chunked', 'whole-batch'])
+def test_autocast_inference_matches_reference(chunk_pixels):
+    """Under autocast blocks are not in place: chunked stages are gathered."""
+    ours, ref = pair()
+    ours.cpu_chunk_pixels = chunk_pixels
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            outs = ours(x)
+        for out, expected in zip(outs, ref.forward_stages(x)):
+            assert out.shape == expected.shape
+            assert (out.float() - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
 def test_block_keeps_an_fp32_residual_under_autocast():
@@ -163,3 +223,23 @@ def test_benchmark_cpu_peak_memory_counts_what_is_live_at_once():
 
     peak = benchmark.peak_memory(step, 'cpu')
     assert abs(peak - 5_000_000 * 4) <= 1024  # b and c together, a already freed
+
+
+def test_tracers_and_flop_counters_see_plain_aten_ops():
+    """The oneDNN-fused CPU kernels are for eager inference only: FLOP counting
+    (dispatch mode) and JIT tracing (get_flops, ONNX) must see convolutions
+    and matrix products, and count the same FLOPs as with autograd on."""
+    from torch.utils.flop_counter import FlopCounterMode
+    ours, ref = pair()
+    x = torch.randn(1, 3, 64, 64)
+    counts = []
+    for grad in (True, False):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.set_grad_enabled(grad):
+            ours(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+    with torch.no_grad():
+        traced = torch.jit.trace(ours, x, check_trace=False)
+        assert_matches(traced(x), ref.forward_stages(x))
+    assert 'mkldnn' not in str(traced.graph)
