@@ -227,12 +227,10 @@ def test_train_test_tta_and_inferencer_end_to_end(tiny_ade, tmp_path):
 
     options = ['--cfg-options', *_data_options(tiny_ade)]
     show_dir = str(tmp_path / 'show')
-    # mmseg's hook draws every `interval`-th batch (50 by default). In one process,
-    # mmengine hands back the training run's visualizer (same name, 'visualizer')
-    # unless the name differs; separate command-line runs need no such option.
+    # mmseg's hook draws every `interval`-th batch (50 by default). The runner
+    # gets a visualizer of its own although training built one in this process.
     metrics = test_tool.main([DEMO_CONFIG, checkpoint, '--work-dir', str(tmp_path / 'eval'),
-                              '--show-dir', show_dir, *options, 'default_hooks.visualization.interval=1',
-                              'visualizer.name=test_visualizer'])
+                              '--show-dir', show_dir, *options, 'default_hooks.visualization.interval=1'])
     assert 0.0 <= metrics['mIoU'] <= 100.0
     drawn = [p for p in glob.glob(osp.join(show_dir, '**', '*'), recursive=True) if p.endswith(('.png', '.jpg'))]
     assert len(drawn) == 4, drawn

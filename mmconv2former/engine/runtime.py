@@ -8,6 +8,7 @@ import os
 import os.path as osp
 import re
 import tempfile
+import uuid
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -267,9 +268,18 @@ def build_runner(cfg: Config):
     ``import mmconv2former`` extends by exactly the classes mmengine's own
     checkpoints need. A CPU-only ``torchrun`` launch gets its gloo process
     group here: mmengine's launcher would first call ``torch.cuda.set_device``.
+    The config's visualizer gets a name of its own (``<name>_<random hex>``).
     """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+
+    visualizer = cfg.get('visualizer')
+    if isinstance(visualizer, dict):
+        # Visualizer.get_instance hands back the first instance built under a
+        # name (every OpenMMLab runtime names it 'visualizer'), so a second
+        # runner in one process (train then test) would draw with the first
+        # one's save_dir and settings.
+        visualizer['name'] = f"{visualizer.get('name', 'visualizer')}_{uuid.uuid4().hex[:8]}"
 
     import torch.distributed as dist
     if cfg.get('launcher', 'none') == 'pytorch' and not torch.cuda.is_available() \
