@@ -98,6 +98,19 @@ class _InferenceCache:
         self.entries.clear()
 
 
+class _CachingModule(nn.Module):
+    """A module with an :class:`_InferenceCache` that ``.to()``, ``.half()``
+    and the like empty, so that no copy on the old device or dtype stays alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache = _InferenceCache()
+
+    def _apply(self, *args, **kwargs):
+        self._cache.clear()
+        return super()._apply(*args, **kwargs)
+
+
 def _gelu(x: torch.Tensor) -> torch.Tensor:
     """Exact (erf) GELU, in place when autograd is off.
 
@@ -108,7 +121,7 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_(x) if _inference() else F.gelu(x)
 
 
-class ConvModulation(nn.Module):
+class ConvModulation(_CachingModule):
     """Convolutional modulation: ``proj(DWConv_k(GELU(W_a x)) * W_v x)`` on ``LN(x)``.
 
     The large-kernel depthwise output acts as the "attention" weights that
@@ -127,11 +140,6 @@ class ConvModulation(nn.Module):
         )
         self.v = ConvNHWC(dim, dim, 1)
         self.proj = ConvNHWC(dim, dim, 1)
-        self._cache = _InferenceCache()
-
-    def _apply(self, *args, **kwargs):
-        self._cache.clear()  # .to(), .half(), ...: never keep the old device's copy alive
-        return super()._apply(*args, **kwargs)
 
     def _stacked_input_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
         params = (self.att[0].weight, self.v.weight, self.att[0].bias, self.v.bias)
@@ -191,7 +199,7 @@ class ConvMLP(nn.Module):
         return self.fc2(self.hidden(x))
 
 
-class Conv2FormerBlock(nn.Module):
+class Conv2FormerBlock(_CachingModule):
     """``x + ls1 * ConvMod(x)``, then ``x + ls2 * MLP(x)``, with stochastic depth.
 
     Layer scales start at 1e-6 (as in the release and ConvNeXt) so that every
@@ -208,11 +216,6 @@ class Conv2FormerBlock(nn.Module):
         self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self._cache = _InferenceCache()
-
-    def _apply(self, *args, **kwargs):
-        self._cache.clear()
-        return super()._apply(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_residual(x, overwrite_input=False)
@@ -482,21 +485,21 @@ class Conv2Former(BaseModule):
         # Inference: the stage input is a fresh tensor of ours (the stem's or
         # a patch merging's output), so blocks may accumulate into it; each
         # group of images (see `_cpu_chunks`) is then finished in place.
-        step = self._cpu_chunk_step(x, x.shape[1] * x.shape[2])
+        parts = x.split(self._cpu_chunk_step(x, x.shape[1] * x.shape[2]))
         outs = []
-        for chunk in x.split(step):
+        for chunk in parts:
             for block in stage:
                 chunk = block.forward_residual(chunk, overwrite_input=True)
             outs.append(chunk)
         if len(outs) == 1:
             return outs[0]
-        if all(out.data_ptr() == part.data_ptr() for out, part in zip(outs, x.split(step))):
+        if all(out.data_ptr() == part.data_ptr() for out, part in zip(outs, parts)):
             return x
         return torch.cat(outs)  # a path that does not work in place (autocast)
 
     def _cpu_chunk_step(self, x: torch.Tensor, pixels_per_image: int) -> int:
         """Images per group for CPU inference (all of them elsewhere)."""
-        if x.device.type == 'cpu' and not torch.is_grad_enabled():
+        if x.device.type == 'cpu' and _inference():
             return max(1, self.cpu_chunk_pixels // pixels_per_image)
         return x.shape[0]
 
