@@ -65,15 +65,15 @@ def test_demo_set_reads_with_reduce_zero_label(tiny_ade):
     info = dataset[0]
     raw = read_png(info['seg_map_path'])
     loaded = LoadAnnotations()(dict(info))['gt_seg_map']
-    assert set(np.unique(loaded)) <= {0, 1, 2, 3, 255}
+    assert set(np.unique(loaded)) <= set(range(len(CLASSES))) | {255}
     np.testing.assert_array_equal(loaded == 255, raw == IGNORE)
     np.testing.assert_array_equal(loaded[raw > 0], raw[raw > 0] - 1)
 
 
 def test_label_map_marks_outlines_unlabelled():
-    mask = np.zeros((8, 8), dtype=bool)
-    mask[2:6, 2:6] = True
-    seg = label_map((8, 8), [1], [mask], border=1)  # a square: stored as 1 + 2
+    classes = np.zeros((8, 8), dtype=np.int64)
+    classes[2:6, 2:6] = 2  # a square of class 2 (stored as 3) on class 0 (stored as 1)
+    seg = label_map(classes, border=1)
     assert seg[0, 0] == 1 and seg[3, 3] == 3 and seg[3, 4] == 3
     # the pixels on either side of the outline (4-neighbourhood: not the outer corners)
     ring = np.zeros((8, 8), dtype=bool)
@@ -81,7 +81,27 @@ def test_label_map_marks_outlines_unlabelled():
     ring[3:5, 3:5] = False
     ring[[1, 1, 6, 6], [1, 6, 1, 6]] = False
     assert (seg[ring] == IGNORE).all() and (seg[~ring] != IGNORE).all()
-    assert (label_map((8, 8), [1], [mask], border=0) != IGNORE).all()
+    np.testing.assert_array_equal(label_map(classes, border=0), classes + 1)
+    assert (label_map(classes, border=2) == IGNORE).sum() > ring.sum()
+
+
+def test_materials_differ_in_texture_not_in_colour():
+    """The class is in the pattern: grain energy orders the materials as their
+    names say, while the mean colours of the classes overlap."""
+    from mmconv2former.datasets.materials import MATERIALS, render_material
+    rng = np.random.default_rng(0)
+    energy, brightness = {}, {}
+    for kind in MATERIALS:
+        images = [render_material(kind, rng, 48, 48) for _ in range(20)]
+        # mean absolute difference of horizontally neighbouring pixels
+        energy[kind] = np.mean([np.abs(np.diff(im, axis=1)).mean() for im in images])
+        brightness[kind] = [im.mean() for im in images]
+    assert energy['smooth'] < 8 < min(energy[k] for k in MATERIALS if k != 'smooth')
+    assert energy['speckle'] > max(energy[k] for k in ('stripes', 'checks', 'dots'))
+    for kind, values in brightness.items():  # every material spans dark and bright
+        assert min(values) < 110 and max(values) > 140, (kind, values)
+    with pytest.raises(ValueError, match='unknown material'):
+        render_material('marble', rng, 8, 8)
 
 
 def test_demo_set_is_deterministic_and_idempotent(tmp_path):
@@ -267,26 +287,30 @@ def test_t_config_trains_on_cpu_with_cfg_options_only(tiny_ade, tmp_path):
     assert osp.isfile(osp.join(tmp_path, 'iter_2.pth'))
 
 
-def always_background_scores(root: str) -> tuple:
-    """(aAcc, mIoU) of predicting 'background' everywhere on the validation split."""
+def majority_class_scores(root: str) -> tuple:
+    """(aAcc, mIoU) of predicting the validation split's most frequent class everywhere."""
     counts = np.zeros(256, dtype=np.int64)
     for path in glob.glob(osp.join(root, 'annotations', 'validation', '*.png')):
         counts += np.bincount(read_png(path).ravel(), minlength=256)
-    background, scored = counts[1], counts[1:len(CLASSES) + 1].sum()
-    return 100 * background / scored, 100 * background / scored / len(CLASSES)
+    scored = counts[1:len(CLASSES) + 1]
+    majority = scored.max() / scored.sum()
+    return 100 * majority, 100 * majority / len(CLASSES)
 
 
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
-    """A 200-iteration run (a quarter of the demo) must find the shapes: mIoU
-    and pixel accuracy clearly above always predicting 'background' (aAcc ~87,
-    mIoU ~22 on this set), which scores 0 on every shape class. Telling the
-    shapes apart takes the demo's full 800 iterations (README)."""
+    """A 200-iteration run (a quarter of the demo) must already tell materials
+    apart: far above predicting the most frequent class everywhere (aAcc ~30,
+    mIoU ~6 on this set). The full 800 iterations reach ~70 mIoU (README)."""
     from tools.demo.segmentation_demo import main
     summary = main(['--work-dir', str(tmp_path / 'work'), '--data-root', str(tmp_path / 'data'),
                     '--iters', '200', '--num-vis', '2'])
-    chance_aacc, chance_miou = always_background_scores(str(tmp_path / 'data'))
-    assert summary['mIoU'] >= chance_miou + 5.0, (summary, chance_miou)
-    assert summary['aAcc'] >= chance_aacc + 1.0, (summary, chance_aacc)
+    chance_aacc, chance_miou = majority_class_scores(str(tmp_path / 'data'))
+    assert summary['mIoU'] >= max(20.0, chance_miou + 14.0), (summary, chance_miou)
+    assert summary['aAcc'] >= chance_aacc + 10.0, (summary, chance_aacc)
+    # the demo's per-class pass (mmseg's inferencer) agrees with the runner's IoUMetric
+    per_class = summary['per_class_iou']
+    assert list(per_class) == list(CLASSES)
+    assert abs(np.mean(list(per_class.values())) - summary['mIoU']) < 0.05, summary
     assert osp.isfile(summary['curves'])
     assert len(os.listdir(summary['predictions'])) == 2

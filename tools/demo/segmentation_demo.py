@@ -47,6 +47,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def class_iou(inferencer, images, classes) -> dict:
+    """Per-class IoU (%) of the inferencer's predictions on ``images``, with
+    mmseg's IoUMetric arithmetic; labels read as the dataset reads them
+    (reduce_zero_label: 0 -> ignored, k -> k - 1)."""
+    import numpy as np
+    import torch
+    from mmseg.evaluation import IoUMetric
+    from PIL import Image
+    totals = None
+    predictions = inferencer(images, batch_size=8)['predictions']
+    for image, prediction in zip(images, predictions):
+        label_path = image.replace(osp.join('images', ''), osp.join('annotations', '')).rsplit('.', 1)[0] + '.png'
+        label = torch.from_numpy(np.array(Image.open(label_path)).astype(np.int64)) - 1
+        label[label < 0] = 255
+        pred = torch.from_numpy(prediction.astype(np.int64))
+        areas = IoUMetric.intersect_and_union(pred, label, len(classes), 255)
+        totals = areas if totals is None else [t + a for t, a in zip(totals, areas)]
+    iou = IoUMetric.total_area_to_metrics(*totals, metrics=['mIoU'])['IoU']
+    return {name: round(100 * float(value), 2) for name, value in zip(classes, iou)}
+
+
 def run(args: argparse.Namespace) -> dict:
     start = time.time()
     generate_ade_demo(args.data_root, args.num_train, args.num_val)
@@ -65,9 +86,10 @@ def run(args: argparse.Namespace) -> dict:
     # mmseg's own inferencer on our config and checkpoint: label maps blended over the images
     from mmseg.apis import MMSegInferencer
     inferencer = MMSegInferencer(model=args.config, weights=checkpoint, device='cpu')
-    images = sorted(glob.glob(osp.join(args.data_root, 'images', 'validation', '*.jpg')))[:args.num_vis]
+    images = sorted(glob.glob(osp.join(args.data_root, 'images', 'validation', '*.jpg')))
     vis_dir = osp.join(work_dir, 'predictions')
-    inferencer(images, out_dir=vis_dir, opacity=0.6)
+    inferencer(images[:args.num_vis], out_dir=vis_dir, opacity=0.6)
+    per_class_iou = class_iou(inferencer, images, cfg.metainfo['classes'])
 
     curves = plot_training_curves(work_dir, osp.join(work_dir, 'curves.png'),
                                   metrics=['mIoU', 'mAcc', 'aAcc'],
@@ -75,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     summary = dict(
         # IoUMetric returns numpy float32s, which json cannot write
         **{key: round(float(metrics[key]), 2) for key in ('mIoU', 'mAcc', 'aAcc')},
-        iters=cfg.train_cfg.max_iters, train_seconds=round(train_seconds, 1),
+        per_class_iou=per_class_iou, iters=cfg.train_cfg.max_iters, train_seconds=round(train_seconds, 1),
         total_seconds=round(time.time() - start, 1), threads=__import__('torch').get_num_threads(),
         checkpoint=checkpoint, predictions=osp.join(vis_dir, 'vis'), curves=curves)
     return report(work_dir, 'Conv2Former-N UperNet on the demo set', summary)
