@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from mmconv2former import Conv2Former
+import mmconv2former.models.conv2former as conv2former_module
 from mmconv2former.models.conv2former import Conv2FormerBlock
 from mmconv2former.models.reference import ReferenceConv2Former
 from test_conv2former import TINY, randomise
@@ -38,8 +39,11 @@ def assert_matches(outs, ref_outs):
 
 @pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'autograd'])
 @pytest.mark.parametrize('chunk_pixels', [1, 10 ** 9], ids=['chunked', 'whole-batch'])
-def test_inference_paths_match_reference(grad, chunk_pixels):
-    """No-grad (in-place, cache-blocked) and autograd paths, in eval mode."""
+@pytest.mark.parametrize('fuse_linear_gelu', [False, True], ids=['gemm-then-gelu', 'fused-gemm-gelu'])
+def test_inference_paths_match_reference(grad, chunk_pixels, fuse_linear_gelu, monkeypatch):
+    """No-grad (in-place, cache-blocked) and autograd paths, in eval mode, with
+    either fc1 path whichever CPU runs the test (each is the default on some)."""
+    monkeypatch.setattr(conv2former_module, 'FUSE_LINEAR_GELU', fuse_linear_gelu)
     ours, ref = pair()
     ours.cpu_chunk_pixels = chunk_pixels  # 1: every image on its own, at every stage
     x = torch.randn(3, 3, 64, 64)
