@@ -47,19 +47,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def class_iou(inferencer, images, classes) -> dict:
+def class_iou(inferencer, images, label_dir: str) -> dict:
     """Per-class IoU (%) of the inferencer's predictions on ``images``, with
-    mmseg's IoUMetric arithmetic; labels read as the dataset reads them
-    (reduce_zero_label: 0 -> ignored, k -> k - 1)."""
+    mmseg's IoUMetric arithmetic; each image's label map (same name, .png, in
+    ``label_dir``) read as the dataset reads it (reduce_zero_label: 0 ->
+    ignored, k -> k - 1)."""
     import numpy as np
     import torch
     from mmseg.evaluation import IoUMetric
     from PIL import Image
+    classes = inferencer.model.dataset_meta['classes']
     totals = None
     predictions = inferencer(images, batch_size=8)['predictions']
     for image, prediction in zip(images, predictions):
-        label_path = image.replace(osp.join('images', ''), osp.join('annotations', '')).rsplit('.', 1)[0] + '.png'
-        label = torch.from_numpy(np.array(Image.open(label_path)).astype(np.int64)) - 1
+        name = osp.splitext(osp.basename(image))[0] + '.png'
+        label = torch.from_numpy(np.array(Image.open(osp.join(label_dir, name))).astype(np.int64)) - 1
         label[label < 0] = 255
         pred = torch.from_numpy(prediction.astype(np.int64))
         areas = IoUMetric.intersect_and_union(pred, label, len(classes), 255)
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     images = sorted(glob.glob(osp.join(args.data_root, 'images', 'validation', '*.jpg')))
     vis_dir = osp.join(work_dir, 'predictions')
     inferencer(images[:args.num_vis], out_dir=vis_dir, opacity=0.6)
-    per_class_iou = class_iou(inferencer, images, cfg.metainfo['classes'])
+    per_class_iou = class_iou(inferencer, images, osp.join(args.data_root, 'annotations', 'validation'))
 
     curves = plot_training_curves(work_dir, osp.join(work_dir, 'curves.png'),
                                   metrics=['mIoU', 'mAcc', 'aAcc'],
