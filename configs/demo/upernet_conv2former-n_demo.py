@@ -5,7 +5,8 @@
 # The ADE recipe scaled down: whole 96x96 images, a 64-channel UperNet head
 # instead of 512, AdamW at 5e-4 (5x ADE's; nothing is pretrained) held constant
 # after a short warm-up and decayed over the last fifth, whole-image test.
-# Measured: 2e-3 and 1e-3 learn slower (23.2 mIoU at 400 iterations, 44.9 at 800).
+# Measured with this schedule: lr 2e-3 gave 23.2 mIoU after a 400-iteration run,
+# lr 1e-3 44.9 after 800 (5e-4: 42.1 at 400, 70.6 after 800).
 _base_ = 'mmseg::convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py'
 custom_imports = dict(imports=['mmconv2former'], allow_failed_imports=False)
 

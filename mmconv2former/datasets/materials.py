@@ -36,8 +36,9 @@ def _frame(rng: np.random.Generator, h: int, w: int) -> Tuple[np.ndarray, np.nda
 
 def _pattern(kind: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """(h, w) mixing weight in [0, 1] between a material's two colours.
-    Periods stay at 6 px or more: finer ones alias once JPEG and the 4x
-    stem have had them."""
+    Periodic patterns repeat every 6-14 px (checks: cells of 3.5-7 px), so
+    several periods fit in a region and each period spans a few pixels even
+    after the stride-2 stem convolution; speckle is the one per-pixel texture."""
     if kind == 'speckle':  # grain of 1-2 px, like gravel or foliage
         grain = int(rng.integers(1, 3))
         cells = rng.random((h // grain + 1, w // grain + 1))
