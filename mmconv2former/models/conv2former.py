@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
@@ -21,36 +20,7 @@ from mmengine.model.weight_init import trunc_normal_
 from ..checkpoint import (arch_name, check_shapes, extract_state_dict, infer_arch,
                           safe_load, split_keys)
 from ..registry import register_model
-from .layers import ConvNHWC, DropPath, pointwise
-
-
-def _inference() -> bool:
-    """True when autograd is off, so fresh intermediates may be overwritten."""
-    return not torch.is_grad_enabled()
-
-
-def _observed() -> bool:
-    """True while something records the ops rather than just running them:
-    ``torch.compile``, JIT tracing/scripting (ONNX export, mmengine's FLOP
-    counter) or a Python dispatch mode (``FlopCounterMode``, fake tensors).
-    Those get the plain ATen ops: FLOP counters know ``addmm`` but not the
-    in-place ``addmm_``, tracers cannot take oneDNN's fused kernels, and
-    Inductor fuses by itself."""
-    # is_compiling first: Dynamo does not trace torch.jit's helpers
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
-            or _get_current_dispatch_mode() is not None)
-
-
-def _mkldnn_fusable(x: torch.Tensor) -> bool:
-    """True where oneDNN's fused "convolution or matrix product + GELU"
-    kernels may serve (the activation is applied while the output is still
-    in registers, instead of in a second pass over a 4C-wide tensor): eager
-    CPU inference in fp32 (the fused ops have no autograd formula).
-    """
-    if _observed():  # first: Dynamo does not trace torch.backends
-        return False
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and _inference()
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+from .layers import ConvNHWC, DropPath, _inference, _mkldnn_fusable, _observed, pointwise
 
 
 # oneDNN's fused "matrix product + GELU" pays where its GELU is AVX-512 code:

@@ -14,6 +14,36 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+
+def _inference() -> bool:
+    """True when autograd is off, so fresh intermediates may be overwritten."""
+    return not torch.is_grad_enabled()
+
+
+def _observed() -> bool:
+    """True while something records the ops rather than just running them:
+    ``torch.compile``, JIT tracing/scripting (ONNX export, mmengine's FLOP
+    counter) or a Python dispatch mode (``FlopCounterMode``, fake tensors).
+    Those get the plain ATen ops: FLOP counters know ``addmm`` but not the
+    in-place ``addmm_``, tracers cannot take oneDNN's fused kernels, and
+    Inductor fuses by itself."""
+    # is_compiling first: Dynamo does not trace torch.jit's helpers
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or _get_current_dispatch_mode() is not None)
+
+
+def _mkldnn_fusable(x: torch.Tensor) -> bool:
+    """True where oneDNN's fused kernels may serve ("matrix product + bias",
+    "convolution or matrix product + GELU": the epilogue is applied while the
+    output is still in registers, instead of in a second pass over it): eager
+    CPU inference in fp32 (the fused ops have no autograd formula).
+    """
+    if _observed():  # first: Dynamo does not trace torch.backends
+        return False
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and _inference()
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor,
@@ -26,6 +56,12 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor,
     weight = weight.flatten(1)
     if bias is None or x.device.type != 'cpu':
         return F.linear(x, weight, bias)  # GPU BLAS fuses the bias into the GEMM
+    if _mkldnn_fusable(x):
+        # oneDNN's matrix product adds the bias in its epilogue, while the
+        # output is in registers. Measured (AMD EPYC, AVX2, 2 threads, the
+        # backbone's shapes): 15-25% faster than MKL's GEMM followed by a
+        # bias pass, and the whole backbone ~8% faster (paired A/B).
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
     # On CPU, F.linear(x, w, b) first broadcasts b into the output and then
     # runs the GEMM with beta=1: one more full write of the output than adding
     # b afterwards (measured 17% slower for a 29 MB stage-1 output, ~2% once
