@@ -57,6 +57,32 @@ def test_inference_paths_match_reference(grad, chunk_pixels, fuse_linear_gelu, m
         assert_matches(ours(x), ref.forward_stages(x))
 
 
+@pytest.mark.parametrize('onednn', [True, False], ids=['onednn', 'onednn-off'])
+def test_pointwise_inference_paths_match_plain_linear(onednn):
+    """A 1x1 conv at CPU inference: oneDNN's product with the bias in its
+    epilogue, or (oneDNN off) the GEMM then an in-place bias; both equal
+    ``F.linear`` on channels-last data, strided input included."""
+    from mmconv2former.models.layers import pointwise
+    x = torch.randn(2, 9, 7, 24).permute(0, 2, 1, 3)  # (B, H, W, C), not contiguous
+    weight, bias = torch.randn(40, 24, 1, 1), torch.randn(40)
+    expected = torch.nn.functional.linear(x, weight.flatten(1), bias)
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=onednn):
+        out = pointwise(x, weight, bias)
+    assert bias.abs().max() > 0.1  # a dropped bias would show
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_inference_without_onednn_matches_reference():
+    """With oneDNN disabled (``torch.backends.mkldnn.flags(enabled=False)``),
+    CPU inference falls back to ATen's kernels and still matches."""
+    ours, ref = pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        outs = ours(x)
+    with torch.no_grad():
+        assert_matches(outs, ref.forward_stages(x))
+
+
 def test_training_forward_and_gradients_match_reference():
     """The fused residual GEMM (layer scale folded into proj) under autograd."""
     ours, ref = pair()
