@@ -133,9 +133,16 @@ class ConvModulation(_CachingModule):
         # GEMM that reads y once, at a better shape for small C (N = 2C).
         weight, bias = self._stacked_input_weights()
         a, v = pointwise(y, weight, bias).chunk(2, dim=-1)
-        # `a` is a strided view: the out-of-place GELU doubles as the copy
-        # that gives the depthwise conv a dense input.
-        a = self.att[2](self.att[1](a))
+        # `a` is a strided view, and the depthwise conv wants a dense input.
+        # On GPU (and under autograd) the out-of-place GELU doubles as that
+        # copy. At CPU inference a copy, then GELU in place on dense data, is
+        # faster: ATen's elementwise loop on a strided view is 2-3x slower
+        # than oneDNN's GELU on contiguous data (AVX2, stage 1: 0.50 vs 0.20 ms).
+        if _mkldnn_fusable(a):
+            a = _gelu(a.contiguous())
+        else:
+            a = self.att[1](a)
+        a = self.att[2](a)
         return a.mul_(v) if _inference() else a * v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
