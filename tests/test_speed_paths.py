@@ -158,6 +158,20 @@ def test_autocast_inference_matches_reference(chunk_pixels):
             assert (out.float() - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
+def test_autocast_runs_products_in_half_precision_not_in_fused_fp32_kernels():
+    """oneDNN's fused CPU kernels bypass autocast; under bf16 autocast every
+    matrix product and convolution must go through autocast's bf16 casts."""
+    from torch.profiler import ProfilerActivity, profile
+    ours, _ = pair()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            ours(torch.randn(1, 3, 64, 64))
+    events = prof.key_averages()
+    assert not [e.key for e in events if e.key.startswith('mkldnn::')]
+    linears = [e for e in events if e.key == 'aten::linear']
+    assert linears and sum(e.count for e in linears) >= 2 * sum(ours.depths)  # att.0+v and fc1 per block
+
+
 def test_block_keeps_an_fp32_residual_under_autocast():
     """Under autocast the residual add stays fp32 (the fused GEMM would round it)."""
     block = Conv2FormerBlock(16, 5).eval()

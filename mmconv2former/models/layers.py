@@ -38,11 +38,13 @@ def _mkldnn_fusable(x: torch.Tensor) -> bool:
     """True where oneDNN's fused kernels may serve ("matrix product + bias",
     "convolution or matrix product + GELU": the epilogue is applied while the
     output is still in registers, instead of in a second pass over it): eager
-    CPU inference in fp32 (the fused ops have no autograd formula).
+    CPU inference in fp32 (the fused ops have no autograd formula), outside
+    autocast (they would bypass it and run a bf16 model's products in fp32).
     """
     if _observed():  # first: Dynamo does not trace torch.backends
         return False
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and _inference()
+            and not torch.is_autocast_enabled('cpu')
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
