@@ -65,6 +65,7 @@ if __name__ == '__main__':
         extras_require={
             'mm': read_requirements('mminstall.txt'),
             'tests': read_requirements('tests.txt'),
+            'deploy': read_requirements('deploy.txt'),
         },
         license='Apache License 2.0',
         zip_safe=False,
