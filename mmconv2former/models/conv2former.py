@@ -3,15 +3,19 @@ ConvNet for Visual Recognition", TPAMI 2024), for mmdet, mmseg and mmpretrain.
 
 Parameter names and shapes follow the authors' release, so their ImageNet
 checkpoints load without renaming. The computation is the release's, laid out
-channels-last (see :mod:`mmconv2former.models.layers` for why).
+channels-last (see :mod:`mmconv2former.models.layers` for why). This file is
+the model and nothing else: every submodule is called as a module, in every
+mode, and no state is derived from the weights. The faster CPU inference form
+is an explicit, one-way step (:meth:`Conv2Former.switch_to_deploy`, in
+:mod:`mmconv2former.models.deploy`).
 """
 import copy
+import functools
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
@@ -20,94 +24,15 @@ from mmengine.model.weight_init import trunc_normal_
 from ..checkpoint import (arch_name, check_shapes, extract_state_dict, infer_arch,
                           safe_load, split_keys)
 from ..registry import register_model
-from .layers import ConvNHWC, DropPath, _inference, _mkldnn_fusable, _observed, pointwise
+from .layers import ConvNHWC, DropPath
 
 
-# oneDNN's fused "matrix product + GELU" pays where its GELU is AVX-512 code:
-# ~4% of the backbone on an AVX-512 Xeon. On an AVX2-only CPU (measured: AMD
-# EPYC, 2 threads) the fused kernel is 10-40% slower per call than the plain
-# GEMM followed by a separate in-place GELU, and the backbone 6-7% slower with it,
-# so it is used only on the former. (The fused 3x3 conv + GELU is kept on
-# both: on the AVX2 CPU, paired A/B runs of the backbone against the unfused
-# pair ranged from 3.5% faster to 6% slower: no reliable difference.)
-FUSE_LINEAR_GELU: bool = torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+class ConvModulation(nn.Module):
+    """Convolutional modulation: ``proj(DWConv_k(GELU(W_a y)) * W_v y)``, ``y = LN(x)``.
 
-
-def _linear_gelu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``GELU(conv1x1(x))`` for channels-last ``x``, as one oneDNN kernel.
-    Only where :func:`_mkldnn_fusable` holds."""
-    return torch.ops.mkldnn._linear_pointwise(x, conv.weight.flatten(1), conv.bias, 'gelu', [], 'none')
-
-
-def _conv_gelu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``GELU(conv(x))`` for NCHW-shaped ``x`` (any memory format), as one
-    oneDNN kernel. Only where :func:`_mkldnn_fusable` holds."""
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-        conv.groups, 'gelu', [], 'none')
-
-
-class _InferenceCache:
-    """Weights derived from parameters (stacked, scaled), kept across calls.
-
-    During inference the same derived weights would otherwise be rebuilt for
-    every block of every image group of every forward pass: small products,
-    but each a fresh allocation (~2% of CPU inference time). An entry is
-    reused only while every source parameter has the same storage address
-    and version counter, so optimiser steps, ``load_state_dict`` and EMA
-    updates (all in place, each bumping the counter) and moves to another
-    device or dtype (new storage) all rebuild it. Never used with autograd
-    on or under ``torch.compile``.
-    """
-
-    def __init__(self) -> None:
-        self.entries: Dict[str, tuple] = {}
-
-    def get(self, name: str, params: Sequence[torch.Tensor], build) -> tuple:
-        if (_observed() or not _inference()
-                or any(p.is_inference() for p in params)):  # no version counter to check
-            return build()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        entry = self.entries.get(name)
-        if entry is None or entry[0] != key:
-            entry = (key, build())
-            self.entries[name] = entry
-        return entry[1]
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-
-class _CachingModule(nn.Module):
-    """A module with an :class:`_InferenceCache` that ``.to()``, ``.half()``
-    and the like empty, so that no copy on the old device or dtype stays alive."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._cache = _InferenceCache()
-
-    def _apply(self, *args, **kwargs):
-        self._cache.clear()
-        return super()._apply(*args, **kwargs)
-
-
-def _gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU, in place when autograd is off.
-
-    Every 4C-wide activation that is not allocated anew is one less buffer
-    streaming through the cache (and, with glibc, fewer fresh pages to fault
-    in); with the in-place modulation product, ~5% of CPU inference time.
-    """
-    return torch.ops.aten.gelu_(x) if _inference() else F.gelu(x)
-
-
-class ConvModulation(_CachingModule):
-    """Convolutional modulation: ``proj(DWConv_k(GELU(W_a x)) * W_v x)`` on ``LN(x)``.
-
-    The large-kernel depthwise output acts as the "attention" weights that
-    modulate the value branch elementwise, replacing softmax(QK^T)V.
-    Channels-last in and out. Submodule names match the release
-    (``norm``, ``att.0``, ``att.2``, ``v``, ``proj``).
+    The large-kernel depthwise output plays the role of attention weights: it
+    modulates the value branch elementwise, in place of softmax(QK^T)V.
+    Channels-last in and out; submodule names are the release's.
     """
 
     def __init__(self, dim: int, kernel_size: int) -> None:
@@ -121,33 +46,9 @@ class ConvModulation(_CachingModule):
         self.v = ConvNHWC(dim, dim, 1)
         self.proj = ConvNHWC(dim, dim, 1)
 
-    def _stacked_input_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        params = (self.att[0].weight, self.v.weight, self.att[0].bias, self.v.bias)
-        return self._cache.get('stacked', params, lambda: (
-            torch.cat(params[:2]), torch.cat(params[2:])))
-
-    def modulate(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything but ``proj``: ``DWConv_k(GELU(W_a y)) * W_v y``, ``y = LN(x)``."""
-        y = self.norm(x)
-        # att.0 and v read the same y: stacking their [C, C] weights makes one
-        # GEMM that reads y once, at a better shape for small C (N = 2C).
-        weight, bias = self._stacked_input_weights()
-        a, v = pointwise(y, weight, bias).chunk(2, dim=-1)
-        # `a` is a strided view, and the depthwise conv wants a dense input.
-        # On GPU (and under autograd) the out-of-place GELU doubles as that
-        # copy. At CPU inference a copy, then GELU in place on dense data, is
-        # faster: ATen's elementwise loop on a strided view is 2-3x slower
-        # than oneDNN's GELU on contiguous data (AVX2, 2 threads, stage 1:
-        # 0.50 ms strided, 0.27 ms copy + in-place GELU).
-        if _mkldnn_fusable(a):
-            a = _gelu(a.contiguous())
-        else:
-            a = self.att[1](a)
-        a = self.att[2](a)
-        return a.mul_(v) if _inference() else a * v
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.modulate(x))
+        y = self.norm(x)
+        return self.proj(self.att(y) * self.v(y))
 
 
 class ConvMLP(nn.Module):
@@ -164,32 +65,14 @@ class ConvMLP(nn.Module):
         self.fc1 = ConvNHWC(dim, hidden, 1)
         self.pos = ConvNHWC(hidden, hidden, 3, padding=1, groups=hidden)
         self.fc2 = ConvNHWC(hidden, dim, 1)
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything but ``fc2``."""
-        y = self.norm(x)
-        if FUSE_LINEAR_GELU and _mkldnn_fusable(y):
-            h = _linear_gelu(self.fc1, y)
-        else:
-            h = _gelu(self.fc1(y))
-        # Adding h in place into the fresh GELU output saves a 4C-wide
-        # allocation; autograd-safe because GELU's backward reads its input.
-        return self._gelu_pos(h).add_(h)
-
-    def _gelu_pos(self, h: torch.Tensor) -> torch.Tensor:
-        """``GELU(DW3x3(h))``; at CPU inference one oneDNN kernel applies the
-        GELU while the conv output is still in registers (the 3x3 conv of the
-        4C-wide MLP is memory-bound: ~25% faster than conv, then GELU)."""
-        pos = self.pos
-        if not _mkldnn_fusable(h):
-            return _gelu(pos(h))
-        return _conv_gelu(pos, h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.hidden(x))
+        h = self.act(self.fc1(self.norm(x)))
+        return self.fc2(h + self.act(self.pos(h)))
 
 
-class Conv2FormerBlock(_CachingModule):
+class Conv2FormerBlock(nn.Module):
     """``x + ls1 * ConvMod(x)``, then ``x + ls2 * MLP(x)``, with stochastic depth.
 
     Layer scales start at 1e-6 (as in the release and ConvNeXt) so that every
@@ -208,38 +91,39 @@ class Conv2FormerBlock(_CachingModule):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_residual(x, overwrite_input=False)
+        x = x + self.drop_path(self.layer_scale_1 * self.attn(x))
+        return x + self.drop_path(self.layer_scale_2 * self.mlp(x))
 
-    def forward_residual(self, x: torch.Tensor, overwrite_input: bool) -> torch.Tensor:
-        """The block; with ``overwrite_input`` (the backbone's stage loop, whose
-        intermediate tensors nobody else holds) inference accumulates both
-        branches into ``x`` itself: no copy of the residual stream, and cache
-        blocked groups of images land in place in the stage tensor."""
-        x = self._add_branch(x, self.attn.modulate(x), self.attn.proj, self.layer_scale_1,
-                             'proj', overwrite_input)
-        # x is now this block's own tensor (or the caller allowed overwriting it)
-        return self._add_branch(x, self.mlp.hidden(x), self.mlp.fc2, self.layer_scale_2,
-                                'fc2', True)
 
-    def _add_branch(self, x: torch.Tensor, h: torch.Tensor, proj: ConvNHWC,
-                    scale: torch.Tensor, name: str, overwrite: bool) -> torch.Tensor:
-        """``x + drop_path(scale * proj(h))`` on channels-last tensors."""
-        # Under autocast the fused form would round the residual stream to
-        # half precision at every block; keep it fp32 as ConvNeXt/timm do.
-        if ((self.training and isinstance(self.drop_path, DropPath))
-                or torch.is_autocast_enabled(x.device.type)):
-            return x + self.drop_path(scale * proj(h))
-        # Fold the layer scale into proj's [C, C'] weight (a tiny product) and
-        # let the GEMM accumulate onto the residual (beta=1): one pass over
-        # the output instead of four (bias, GEMM, scale, add).
-        weight_t, bias = self._cache.get(name, (proj.weight, proj.bias, scale), lambda: (
-            (proj.weight.flatten(1) * scale[:, None]).t(), proj.bias * scale))
-        h2d = h.reshape(-1, h.shape[-1])
-        if overwrite and _inference() and x.is_contiguous() and not _observed():
-            x.view(-1, x.shape[-1]).addmm_(h2d, weight_t)
-            return x.add_(bias)
-        out = torch.addmm(x.reshape(-1, x.shape[-1]), h2d, weight_t)
-        return out.view(x.shape).add_(bias)
+def _keep_products(ctx, op, *args, **kwargs) -> 'cp.CheckpointPolicy':
+    """Selective recomputation policy (see ``Conv2Former(recompute=...)``).
+
+    Store the outputs of the costly ops: the 1x1 convolutions (matrix
+    products) and the large-kernel depthwise convolution. Everything else is
+    recomputed from them in the backward pass: LayerNorms, GELUs, the
+    modulation product, layer-scale products, residual sums and the MLP's 3x3
+    depthwise convolution (memory-bound: 9 multiply-adds per element of a
+    4C-wide tensor, about 2% of the block's FLOPs but, stored with its input
+    and GELU, 12 of the 27 channel-widths of activations a block keeps).
+    """
+    if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+        return cp.CheckpointPolicy.MUST_SAVE
+    if op is torch.ops.aten.convolution.default and args[1].shape[-1] > 3:
+        return cp.CheckpointPolicy.MUST_SAVE
+    return cp.CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@functools.lru_cache(maxsize=None)
+def _selective_context():
+    """``context_fn`` for :func:`torch.utils.checkpoint.checkpoint` with the
+    policy above, or None where this torch lacks selective checkpointing
+    (< 2.4): blocks then run plainly, storing everything."""
+    if not hasattr(cp, 'create_selective_checkpoint_contexts'):
+        print_log('Conv2Former: this torch has no selective activation checkpointing '
+                  '(torch >= 2.4); recompute=True falls back to storing all activations',
+                  logger='current', level=30)
+        return None
+    return functools.partial(cp.create_selective_checkpoint_contexts, _keep_products)
 
 
 def _stem(in_channels: int, channels: int) -> nn.Sequential:
@@ -284,9 +168,17 @@ class Conv2Former(BaseModule):
             nothing, -1 likewise. Defaults to 0.
         norm_eval: keep the stem's BatchNorm layers in eval mode while
             training (for small-batch detection). Defaults to False.
-        with_cp: non-reentrant activation checkpointing of each block while
-            training (saves memory, costs a second forward; DDP-safe).
-            Defaults to False.
+        with_cp: full activation checkpointing of each block while training:
+            only block inputs are stored and every block runs its forward a
+            second time in the backward pass (non-reentrant, DDP-safe). For
+            the largest inputs. Defaults to False.
+        recompute: selective recomputation while training (when ``with_cp``
+            is off): each block stores only the outputs of its matrix products
+            and of the large-kernel depthwise convolution, and recomputes the
+            cheap rest (norms, GELUs, the modulation product, the MLP's 3x3
+            depthwise convolution) in the backward pass. Same gradients, about
+            a third of the activation memory of the blocks; see
+            ``docs/performance.md``. Defaults to True.
         pretrained: deprecated; use ``init_cfg=dict(type='Pretrained',
             checkpoint=...)``. Defaults to None.
         init_cfg: initialisation config. ``dict(type='Pretrained',
@@ -308,9 +200,6 @@ class Conv2Former(BaseModule):
         'l': dict(channels=[128, 256, 512, 1024], depths=[4, 4, 48, 4], kernel_size=11),
     }
     strides: Tuple[int, ...] = (4, 8, 16, 32)
-    # CPU inference runs the stem and each stage on groups of images of at
-    # most this many pixels (at least one image); see `_cpu_chunks`.
-    cpu_chunk_pixels: int = 2048
 
     def __init__(self,
                  arch: Union[str, dict] = 't',
@@ -322,6 +211,7 @@ class Conv2Former(BaseModule):
                  frozen_stages: int = 0,
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 recompute: bool = True,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         if pretrained is not None:
@@ -354,6 +244,8 @@ class Conv2Former(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
+        self.recompute = recompute
+        self.deployed = False
 
         # Stem (index 0) and the three stride-2 patch mergings. Between stages:
         # channel LayerNorm then conv2x2 s2, on channels-last data.
@@ -446,68 +338,31 @@ class Conv2Former(BaseModule):
             raise ValueError(
                 f'input {tuple(x.shape[-2:])} is smaller than the total stride {self.strides[-1]}; '
                 f'resize or pad images to at least {self.strides[-1]}x{self.strides[-1]}')
-        outs = []
         # A channels-last input lets oneDNN/cuDNN run the stem without layout
         # reorders, and its output then permutes to a contiguous NHWC tensor.
-        x = x.contiguous(memory_format=torch.channels_last)
-        # With batch statistics (BatchNorm training) the stem must see the whole batch.
-        if any(m.training for m in self.downsample_layers[0] if isinstance(m, nn.BatchNorm2d)):
-            x = self.downsample_layers[0](x)
-        else:
-            x = self._cpu_chunks(self.downsample_layers[0], x, x.shape[-2] * x.shape[-1])
+        x = self.downsample_layers[0](x.contiguous(memory_format=torch.channels_last))
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        outs = []
         for i in range(self.num_stages):
             if i > 0:
                 x = self.downsample_layers[i](x)
             x = self._run_stage(self.stages[i], x)
             if i in self.out_indices:
-                out = self.out_norms[i](x)
-                outs.append(out.permute(0, 3, 1, 2).contiguous())
+                outs.append(self.out_norms[i](x).permute(0, 3, 1, 2).contiguous())
         return tuple(outs)
 
     def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if self.with_cp and self.training:
-            for block in stage:
-                x = cp.checkpoint(block, x, use_reentrant=False)
-            return x
-        if not _inference():
+        if not (self.training and torch.is_grad_enabled()):
             return stage(x)
-        # Inference: the stage input is a fresh tensor of ours (the stem's or
-        # a patch merging's output), so blocks may accumulate into it; each
-        # group of images (see `_cpu_chunks`) is then finished in place.
-        parts = x.split(self._cpu_chunk_step(x, x.shape[1] * x.shape[2]))
-        outs = []
-        for chunk in parts:
-            for block in stage:
-                chunk = block.forward_residual(chunk, overwrite_input=True)
-            outs.append(chunk)
-        if len(outs) == 1:
-            return outs[0]
-        if all(out.data_ptr() == part.data_ptr() for out, part in zip(outs, parts)):
-            return x
-        return torch.cat(outs)  # a path that does not work in place (autocast)
-
-    def _cpu_chunk_step(self, x: torch.Tensor, pixels_per_image: int) -> int:
-        """Images per group for CPU inference (all of them elsewhere)."""
-        if x.device.type == 'cpu' and _inference():
-            return max(1, self.cpu_chunk_pixels // pixels_per_image)
-        return x.shape[0]
-
-    def _cpu_chunks(self, fn, x: torch.Tensor, pixels_per_image: int) -> torch.Tensor:
-        """``fn(x)``, computed on groups of images during CPU inference.
-
-        Cache blocking: the stem and the blocks never mix images (LayerNorm
-        is per pixel, the stem's BatchNorm uses running statistics here), so
-        a high-resolution stage can run on groups of about `cpu_chunk_pixels`
-        pixels whose activations stay in cache, instead of streaming e.g. a
-        29 MB 4C-wide tensor (T, batch 8, 224) through memory ten times.
-        Same numbers, ~13% faster on CPU (flat from 800 to 4096 pixels);
-        GPUs and autograd get ``fn(x)``.
-        """
-        step = self._cpu_chunk_step(x, pixels_per_image)
-        if step < x.shape[0]:
-            return torch.cat([fn(chunk) for chunk in x.split(step)])
-        return fn(x)
+        if self.with_cp:
+            context = {}
+        elif self.recompute and _selective_context() is not None:
+            context = {'context_fn': _selective_context()}
+        else:
+            return stage(x)
+        for block in stage:
+            x = cp.checkpoint(block, x, use_reentrant=False, **context)
+        return x
 
     # ------------------------------------------------------------------ training state
     def _freeze_stages(self) -> None:
@@ -518,6 +373,10 @@ class Conv2Former(BaseModule):
                     param.requires_grad = False
 
     def train(self, mode: bool = True) -> 'Conv2Former':
+        if mode and self.deployed:
+            raise RuntimeError('this Conv2Former was switched to deploy mode (weights folded for '
+                               'inference) and cannot be trained; build a new model and load the '
+                               'original checkpoint to train')
         super().train(mode)
         self._freeze_stages()
         if mode and self.norm_eval:
@@ -526,36 +385,20 @@ class Conv2Former(BaseModule):
                     module.eval()
         return self
 
-    @torch.no_grad()
-    def fuse_stem_bn(self) -> 'Conv2Former':
-        """Fold the stem's second BatchNorm into the 2x2 patch conv that follows it.
+    def switch_to_deploy(self) -> 'Conv2Former':
+        """Rewrite the model, once and for good, into its fast inference form.
 
-        For inference and export only: it uses the running statistics, so the
-        model must be in eval mode, and afterwards ``downsample_layers.0.5`` is
-        an ``nn.Identity`` and ``downsample_layers.0.6`` has a bias (the state
-        dict no longer matches the release's). The first BatchNorm is left
-        alone: it feeds a zero-padded 3x3 conv, and folding its shift would
-        be exact only away from the image border. Returns ``self``.
+        Layer scales are folded into ``proj`` / ``fc2``, ``att.0`` and ``v``
+        are stacked into one matrix product, the stem's second BatchNorm is
+        folded into the patch convolution, and CPU inference then runs on
+        cache-sized groups of images, accumulating each residual in place
+        (see :mod:`mmconv2former.models.deploy`). Outputs are unchanged up to
+        float rounding; the state dict no longer matches the release's, and
+        the model refuses ``train()`` afterwards. Call it after loading the
+        weights and before inference or export. Returns ``self``.
         """
-        stem = self.downsample_layers[0]
-        bn, conv = stem[5], stem[6]
-        if not isinstance(bn, nn.BatchNorm2d):
-            return self  # already fused
-        if bn.training:
-            raise RuntimeError('fuse_stem_bn() folds running statistics; call .eval() first')
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias - bn.running_mean * scale
-        # conv(s * y + t) = conv_{W * s}(y) + sum(W * t): exact, since the
-        # 2x2 stride-2 conv has no padding.
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
-                          stride=conv.stride, bias=True).to(conv.weight)
-        fused.weight.copy_(conv.weight * scale[None, :, None, None])
-        fused.bias.copy_((conv.weight * shift[None, :, None, None]).sum((1, 2, 3)))
-        if conv.bias is not None:
-            fused.bias.add_(conv.bias)
-        fused.requires_grad_(conv.weight.requires_grad)
-        stem[5], stem[6] = nn.Identity(), fused
-        return self
+        from .deploy import switch_to_deploy
+        return switch_to_deploy(self)
 
     # ------------------------------------------------------------------ layer-wise lr decay
     @property

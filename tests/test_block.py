@@ -1,0 +1,338 @@
+"""The plain block: hooks, weight changes in place, lean training, tracers.
+
+The block is the paper's formula with every submodule called as a module; it
+keeps no state derived from its weights, so every way users change weights
+(optimiser steps, ``load_state_dict``, mmengine's EMA swap and mmdet's
+mean-teacher update, both through ``.data``) is seen by the next forward.
+Training recomputes the cheap activations (``recompute=True``): gradients
+must equal the plain path's, with less memory.
+"""
+import importlib.util
+import os.path as osp
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmconv2former import Conv2Former
+from mmconv2former.models.conv2former import Conv2FormerBlock
+from mmconv2former.models.reference import ReferenceConv2Former
+from test_conv2former import TINY, randomise
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def pair(arch=TINY, **kwargs):
+    """A reference with random weights and our backbone holding the same weights."""
+    ref = randomise(ReferenceConv2Former(**arch)).eval()
+    ours = Conv2Former(arch, out_norm=False, **kwargs).eval()
+    ours.load_state_dict(backbone_state(ref))
+    return ours, ref
+
+
+def backbone_state(ref: nn.Module) -> dict:
+    return {k: v for k, v in ref.state_dict().items() if not k.startswith(('head.', 'pred.'))}
+
+
+def assert_matches(outs, ref_outs, atol=1e-4):
+    for ours, theirs in zip(outs, ref_outs):
+        assert theirs.abs().max() > 0.1  # the comparison is not between zeros
+        assert (ours - theirs).abs().max() <= atol
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        'benchmark', osp.join(ROOT, 'tools', 'analysis', 'benchmark.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------- hooks
+@pytest.mark.parametrize('mode', ['train', 'train-recompute', 'train-with_cp', 'eval', 'no_grad'])
+def test_forward_hooks_fire_on_every_submodule_in_every_mode(mode):
+    """Feature extractors, FLOP counters and quantisation observers hook
+    ``attn``, ``mlp``, ``proj``, ``fc2``: they must see every block."""
+    model = Conv2Former(TINY, recompute=mode == 'train-recompute', with_cp=mode == 'train-with_cp')
+    model.train(mode.startswith('train'))
+    seen = {}
+    names = ('attn', 'mlp', 'attn.proj', 'mlp.fc2', 'attn.att.0', 'attn.v', 'mlp.pos')
+    def hook(name):
+        def record(module, inputs, output):
+            seen[name] = output.shape
+        return record
+    for name, module in model.named_modules():
+        if name.endswith(names):
+            module.register_forward_hook(hook(name))
+    with torch.set_grad_enabled(mode != 'no_grad'):
+        model(torch.randn(2, 3, 64, 64))
+    blocks = sum(TINY['depths'])
+    for suffix in names:
+        hit = [n for n in seen if n.endswith('.' + suffix)]
+        assert len(hit) == blocks, (suffix, len(hit))
+    assert seen['stages.0.0.attn.proj'] == (2, 16, 16, TINY['channels'][0])  # channels-last
+
+
+# ---------------------------------------------------------------------------- weights changed in place
+def test_weights_written_through_data_are_seen_by_the_next_forward():
+    """``p.data.mul_()`` does not bump the version counter: nothing may key on it."""
+    ours, ref = pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours(x)
+        for p in ours.parameters():
+            p.data.mul_(0.9)
+        for p in ref.parameters():
+            p.data.mul_(0.9)
+        assert_matches(ours(x), ref.forward_stages(x))
+
+
+def test_mmdet_mean_teacher_update_reaches_the_teacher():
+    """mmdet's MeanTeacherHook updates the teacher with ``.data`` arithmetic;
+    the teacher's next forward equals a fresh model holding its new weights."""
+    from mmdet.engine.hooks import MeanTeacherHook
+    torch.manual_seed(0)
+    teacher, _ = pair()
+    student = randomise(Conv2Former(TINY, out_norm=False), seed=3).eval()
+    semi = nn.Module()
+    semi.teacher, semi.student = teacher, student
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = teacher(x)
+        MeanTeacherHook(momentum=0.5).momentum_update(semi, 0.5)
+        after = teacher(x)
+        fresh = Conv2Former(TINY, out_norm=False).eval()
+        fresh.load_state_dict(teacher.state_dict())
+        expected = fresh(x)
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(after, before))  # the update did something
+    for a, b in zip(after, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_mmengine_ema_hook_swap_reaches_the_model():
+    """mmengine's EMAHook copies averaged weights in through ``.data`` before
+    validation and back after it; each forward equals a fresh model."""
+    from mmengine.hooks import EMAHook
+    torch.manual_seed(0)
+    model, _ = pair()
+    runner = SimpleNamespace(model=model, iter=0, epoch=0, max_epochs=1, max_iters=10)
+    hook = EMAHook(momentum=0.5, begin_iter=0)
+    hook.before_run(runner)
+    with torch.no_grad():
+        for p in model.parameters():  # "training" moves the weights away from the average
+            p.data.add_(torch.randn_like(p) * 0.05)
+        hook.after_train_iter(runner, batch_idx=0)
+        for p in model.parameters():
+            p.data.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 64, 64)
+
+    def check(state):
+        fresh = Conv2Former(TINY, out_norm=False).eval()
+        fresh.load_state_dict(state)
+        with torch.no_grad():
+            for a, b in zip(model(x), fresh(x)):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+    with torch.no_grad():
+        trained = model(x)
+    trained_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ema_state = {k: v.clone() for k, v in hook.ema_model.module.state_dict().items()}
+    hook.before_val_epoch(runner)  # EMA weights in
+    assert not torch.equal(model.stages[0][0].attn.proj.weight, trained_state['stages.0.0.attn.proj.weight'])
+    check(ema_state)
+    hook.after_val_epoch(runner)  # trained weights back
+    check(trained_state)
+    with torch.no_grad():
+        for a, b in zip(model(x), trained):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_optimiser_step_dtype_and_load_state_dict_are_followed():
+    ours, ref = pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours(x)
+    params = list(ours.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p) * 0.01
+    torch.optim.SGD(params, lr=1.0).step()
+    ref.load_state_dict(ours.state_dict(), strict=False)
+    with torch.no_grad():
+        assert_matches(ours(x), ref.forward_stages(x))
+        outs = ours.double()(x.double())
+    assert all(o.dtype == torch.float64 for o in outs)
+    assert_matches([o.float() for o in outs], ref.forward_stages(x))
+
+
+# ---------------------------------------------------------------------------- lean training
+def train_pair(drop_path_rate=0.0, **kwargs):
+    plain = randomise(Conv2Former(TINY, recompute=False, drop_path_rate=drop_path_rate)).train()
+    other = Conv2Former(TINY, drop_path_rate=drop_path_rate, **kwargs).train()
+    other.load_state_dict(plain.state_dict())
+    return plain, other
+
+
+@pytest.mark.parametrize('kwargs', [dict(recompute=True), dict(with_cp=True)], ids=['recompute', 'with_cp'])
+@pytest.mark.parametrize('drop_path_rate', [0.0, 0.3])
+def test_recomputation_gives_the_plain_gradients(kwargs, drop_path_rate):
+    """fp32 gradients of every parameter within 1e-5 (relative) of the
+    path that stores everything, stochastic depth included (the recomputed
+    forward must draw the same masks)."""
+    plain, other = train_pair(drop_path_rate, **kwargs)
+    x = torch.randn(4, 3, 64, 64)
+    grads = []
+    for model in (plain, other):
+        torch.manual_seed(7)
+        outs = model(x)
+        sum((o ** 2).mean() for o in outs).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert relative_error(grads[1][name], grad) <= 1e-5, name
+
+
+def test_recomputation_stores_less_and_keeps_with_cp_least():
+    """Peak activation memory of a training step: selective recomputation
+    below 60% of storing everything; full checkpointing (``with_cp``) lower still."""
+    benchmark = load_benchmark()
+    x = torch.randn(4, 3, 96, 96)
+    peaks = {}
+    for name, kwargs in [('plain', dict(recompute=False)), ('recompute', {}), ('with_cp', dict(with_cp=True))]:
+        model = Conv2Former(TINY, **kwargs).train()
+
+        def step():
+            sum(o.mean() for o in model(x)).backward()
+            model.zero_grad(set_to_none=True)
+        step()
+        peaks[name] = benchmark.peak_memory(step, 'cpu')
+    assert peaks['recompute'] < 0.6 * peaks['plain'], peaks
+    assert peaks['with_cp'] < peaks['recompute'], peaks
+
+
+def test_recompute_is_for_training_only():
+    """Eval mode, or autograd off, runs the blocks plainly (nothing to store)."""
+    model = Conv2Former(TINY).eval()
+    calls = []
+    orig = torch.utils.checkpoint.checkpoint
+    try:
+        torch.utils.checkpoint.checkpoint = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        model(torch.randn(1, 3, 64, 64))
+        with torch.no_grad():
+            model.train()(torch.randn(2, 3, 64, 64))
+        assert not calls
+        model.train()(torch.randn(2, 3, 64, 64))
+        assert len(calls) == sum(TINY['depths'])
+    finally:
+        torch.utils.checkpoint.checkpoint = orig
+
+
+def test_without_selective_checkpointing_recompute_falls_back_to_plain(monkeypatch):
+    """On a torch without ``create_selective_checkpoint_contexts`` (< 2.4)."""
+    from mmconv2former.models import conv2former
+    monkeypatch.delattr(torch.utils.checkpoint, 'create_selective_checkpoint_contexts')
+    conv2former._selective_context.cache_clear()
+    try:
+        plain, other = train_pair()
+        x = torch.randn(2, 3, 64, 64)
+        for a, b in zip(plain(x), other(x)):
+            torch.testing.assert_close(a, b)
+    finally:
+        monkeypatch.undo()
+        conv2former._selective_context.cache_clear()
+
+
+# ---------------------------------------------------------------------------- tracers and compilers
+def random_block(drop_path: float = 0.0) -> Conv2FormerBlock:
+    torch.manual_seed(0)
+    block = Conv2FormerBlock(16, 5, drop_path=drop_path)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if 'layer_scale' in name or name.endswith('norm.weight'):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    return block
+
+
+def test_block_compiles_without_graph_breaks_and_matches_eager():
+    """fullgraph=True fails on any graph break."""
+    torch._dynamo.reset()
+    block = random_block(drop_path=0.1).eval()
+    x = torch.randn(2, 8, 8, 16)
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_backbone_compiles_for_training_with_recompute_and_matches_eager():
+    torch._dynamo.reset()
+    arch = dict(TINY, depths=[1, 1, 1, 1])  # compile time grows with the blocks
+    eager = randomise(Conv2Former(arch, recompute=False)).train()
+    compiled_model = Conv2Former(arch).train()
+    compiled_model.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(compiled_model)
+    out, expected = compiled(x), eager(x)
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    sum(o.square().mean() for o in out).backward()
+    sum(o.square().mean() for o in expected).backward()
+    for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_tracing_and_flop_counting_see_the_plain_model():
+    from torch.utils.flop_counter import FlopCounterMode
+    ours, ref = pair()
+    x = torch.randn(1, 3, 64, 64)
+    counts = []
+    for grad in (True, False):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.set_grad_enabled(grad):
+            ours(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+    with torch.no_grad():
+        traced = torch.jit.trace(ours, x, check_trace=False)
+        assert_matches(traced(x), ref.forward_stages(x))
+    assert 'mkldnn' not in str(traced.graph)
+
+
+def test_block_keeps_an_fp32_residual_under_autocast():
+    block = random_block().eval()
+    x = torch.randn(2, 8, 8, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
+        out = block(x)
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(out, block(x), atol=0.05, rtol=0.05)
+
+
+def test_drop_path_is_random_in_training():
+    torch.manual_seed(0)
+    block = Conv2FormerBlock(16, 5, drop_path=0.5, layer_scale_init_value=1.0).train()
+    x = torch.randn(8, 4, 4, 16)
+    kept = [(block(x) - x).flatten(1).abs().sum(1) for _ in range(2)]
+    assert not torch.equal(kept[0], kept[1])
+
+
+def test_benchmark_cpu_peak_memory_counts_what_is_live_at_once():
+    """The benchmark's CPU peak (torch.profiler allocation events) on a known pattern."""
+    benchmark = load_benchmark()
+    existing = torch.ones(4_000_000)  # live before the step: not counted
+
+    def step():
+        a = torch.ones(1_000_000)
+        b = torch.ones(2_000_000)
+        del a
+        c = torch.ones(3_000_000)
+        return b.sum() + c.sum() + existing[0]
+
+    peak = benchmark.peak_memory(step, 'cpu')
+    assert abs(peak - 5_000_000 * 4) <= 1024  # b and c together, a already freed
