@@ -95,7 +95,7 @@ def _registry(library: str):
     return __import__(f'{library}.registry', fromlist=['MODELS']).MODELS
 
 
-def probe_backbone(backbone_cfg: dict, library: str,
+def probe_backbone(backbone_cfg: dict, library: str, src: str = 'the config',
                    sizes: Sequence[int] = (128, 224, 512)) -> Tuple[List[int], List[int]]:
     """Build a backbone and run one image through it: ``(channels, strides)``
     of its outputs, in the order it returns them."""
@@ -118,14 +118,14 @@ def probe_backbone(backbone_cfg: dict, library: str,
         if torch.is_tensor(outs):
             outs = (outs, )
         if not isinstance(outs, (list, tuple)) or not all(torch.is_tensor(o) and o.ndim == 4 for o in outs):
-            raise SwapError(str(cfg.get('type')), [
+            raise SwapError(src, [
                 f'the backbone {cfg.get("type")} returns {type(outs).__name__} of '
                 f'{[getattr(o, "shape", type(o).__name__) for o in outs] if isinstance(outs, (list, tuple)) else "?"}'
                 ', not a sequence of (B, C, H, W) maps; its consumers must be adapted by hand'])
         channels = [int(o.shape[1]) for o in outs]
         strides = [size / o.shape[-1] for o in outs]
         return channels, [int(round(s)) if abs(s - round(s)) < 0.2 else s for s in strides]
-    raise SwapError(str(cfg.get('type')), [f'could not run the source backbone {cfg.get("type")} on a '
+    raise SwapError(src, [f'could not run the source backbone {cfg.get("type")} on a '
                                            f'random image ({type(error).__name__}: {error})'])
 
 
@@ -385,7 +385,7 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
         raise SwapError(src, ['the config has no model.backbone (wrappers such as semi-supervised '
                               'detectors keep it under model.detector: swap the inner config)'])
     old_type = _type_name(model.backbone)
-    old_channels, old_strides = probe_backbone(_plain(model.backbone), library)
+    old_channels, old_strides = probe_backbone(_plain(model.backbone), library, src)
     out_indices, notes, problems = map_stages(old_strides, library)
     new_channels = [settings['channels'][s] for s in out_indices]
     consumers, consumer_problems = find_consumers(model)
@@ -427,6 +427,9 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
             (model_delta if owner is model else top_level)['data_preprocessor'] = delta
             changes.append(f'{name}: mean/std {pre.get("mean")}/{pre.get("std")} -> Conv2Former\'s RGB '
                            f'ImageNet statistics {MEAN}/{STD}')
+    if not any('data_preprocessor' in c for c in changes):
+        notes.append('no data preprocessor with mean/std found: normalise the images with mean '
+                     f'{MEAN}, std {STD}, in RGB order, where your pipeline does')
     if cfg.get('load_from'):
         top_level['load_from'] = None
         changes.append(f'load_from: {cfg.load_from!r} -> None (weights of the old backbone\'s model)')
@@ -539,6 +542,8 @@ def check_config(path: str, size: int = 224, batch: int = 2) -> Dict[str, Any]:
     cfg = Config.fromfile(path)
     library = _library(cfg)
     adapt_to_device(cfg)
+    if cfg.get('data_preprocessor') is not None:  # what mmengine's Runner does with a top-level one
+        cfg.model.setdefault('data_preprocessor', cfg.data_preprocessor)
     pre = cfg.model.get('data_preprocessor')
     if isinstance(pre, dict):
         pre.pop('batch_augments', None)  # fixed-size pads and random resizes: not for a smoke test
