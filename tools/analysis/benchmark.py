@@ -1,16 +1,20 @@
 """Throughput and peak memory of Conv2Former, next to its peers, in one process.
 
-    # backbone, inference: Conv2Former-T vs mmpretrain ConvNeXt-T and the
-    # release-style reference, with the matmul FLOP rate of this machine
-    python tools/analysis/benchmark.py --arch t --batch 8 --input-size 224
+    # backbone, inference: Conv2Former-T (plain and switch_to_deploy()) vs
+    # mmpretrain ConvNeXt-T, with the matmul FLOP rate of this machine
+    python tools/analysis/benchmark.py --arch t --batch 8 --input-size 224 --peers deploy,convnext
+    # backbone, training step: time and peak activation memory, with the
+    # store-everything form (recompute=False) beside the default
+    python tools/analysis/benchmark.py --arch t --batch 8 --mode train --memory --peers store-all,convnext
     # cost per pixel from 224 to 1024 (table, PNG plot)
     python tools/analysis/benchmark.py --arch t --batch 1 --sweep 224 320 448 640 800 1024 --plot sweep.png
     # training-step peak memory with and without activation checkpointing
     python tools/analysis/benchmark.py --arch t --batch 1 --input-size 1024 --cp-memory
     # a whole model from a config (mmdet, mmseg or mmpretrain), training step,
-    # with the same model on mmpretrain's ConvNeXt as the peer
+    # against mmdet's own ConvNeXt-T Mask R-CNN config
     python tools/analysis/benchmark.py configs/mask_rcnn/mask-rcnn_conv2former-t_fpn_1x_coco.py \\
-        --mode train --batch 2 --input-size 800 1216 --peers convnext
+        --mode train --batch 2 --input-size 512 --memory \\
+        --peer-config mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py
 
 How it measures
   * Every model (and a large fp32 matrix product, the machine's practical
@@ -62,9 +66,15 @@ from mmconv2former.models.reference import ReferenceConv2Former  # noqa: E402
 # (N, 15M parameters, ~2.2 GMACs, pairs with ConvNeXt-nano, 15.6M / 2.45G).
 CONVNEXT_PEER = {'n': 'nano', 't': 'tiny', 's': 'small', 'b': 'base', 'b_22k': 'base', 'l': 'large'}
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-# Targets of issue 6, checked when the run matches their setting
-# (Conv2Former-T, fp32, batch 8, 224x224, inference; sweep from 224 to 1024).
-TARGETS = dict(vs_convnext=1.0, vs_reference=1.6, of_matmul=0.55, per_pixel_1024_vs_224=1.15)
+# Targets checked when a run matches their setting (Conv2Former-T, fp32,
+# batch 8, 224x224; Mask R-CNN training at 2 x 512x512): speed and peak
+# activation memory of a training step relative to ConvNeXt-T (issue 13),
+# inference speed of the deploy form relative to ConvNeXt-T (issue 13), and
+# the cost per pixel from 224 to 1024 (issue 6).
+TARGETS = dict(train_speed=1.0, train_memory=1.0, deploy_speed=0.88, per_pixel_1024_vs_224=1.15)
+LABELS = {'conv2former': 'Conv2Former-{arch}', 'deploy': 'Conv2Former-{arch} deploy',
+          'store-all': 'Conv2Former-{arch} store-all', 'reference': 'release-style reference',
+          'convnext': 'ConvNeXt-{peer} (mmpretrain)'}
 
 
 # ---------------------------------------------------------------------------- cases
@@ -91,10 +101,13 @@ class _Stages(nn.Module):
 
 
 def build_backbone(name: str, arch: str, with_cp: bool = False) -> nn.Module:
-    """``conv2former``, ``convnext`` (mmpretrain, matching size) or ``reference``."""
+    """``conv2former``, ``deploy``, ``store-all``, ``convnext`` (mmpretrain,
+    matching size) or ``reference``."""
     settings = Conv2Former.parse_arch(arch)
-    if name == 'conv2former':
-        return _Stages(Conv2Former(arch, out_indices=(0, 1, 2, 3), with_cp=with_cp))
+    if name in ('conv2former', 'deploy', 'store-all'):
+        model = Conv2Former(arch, out_indices=(0, 1, 2, 3), with_cp=with_cp,
+                            recompute=name != 'store-all')
+        return _Stages(model.switch_to_deploy() if name == 'deploy' else model)
     if name == 'reference':
         return _Stages(ReferenceConv2Former(settings['channels'], settings['depths'],
                                             settings['kernel_size'], settings['mlp_ratio']),
@@ -151,12 +164,6 @@ def make_step(model: nn.Module, inputs: torch.Tensor, args, loss_fn=None) -> Cal
 
 
 def prepare(model: nn.Module, args) -> nn.Module:
-    for module in model.modules():
-        if isinstance(module, Conv2Former):
-            if args.cpu_chunk_pixels is not None:
-                module.cpu_chunk_pixels = args.cpu_chunk_pixels
-            if args.fuse_stem_bn:
-                module.eval().fuse_stem_bn()
     model = model.to(args.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -175,8 +182,7 @@ def backbone_cases(args, size, batch: int) -> List[Case]:
         macs = count_macs(lambda: model.eval()(x[:1]))
         if args.compile:
             model = torch.compile(model)
-        label = {'conv2former': f'Conv2Former-{args.arch}', 'reference': 'release-style reference',
-                 'convnext': f'ConvNeXt-{CONVNEXT_PEER.get(args.arch, "?")} (mmpretrain)'}[name]
+        label = LABELS[name].format(arch=args.arch, peer=CONVNEXT_PEER.get(args.arch, '?'))
         cases.append(Case(label, make_step(model, x, args), batch, batch * h * w, macs, name))
     return cases
 
@@ -218,7 +224,16 @@ def config_cases(args, size, batch: int) -> List[Case]:
     h, w = size
     cases = []
     variants = [('conv2former', osp.basename(args.config), cfg.model)]
-    if 'convnext' in args.peers:
+    for peer in ('deploy', 'store-all'):
+        if peer in args.peers:
+            variants.append((peer, f'{osp.basename(args.config)} {peer}', cfg.model))
+    if args.peer_config:
+        peer_cfg = Config.fromfile(args.peer_config)
+        if detect_library(peer_cfg) != library:
+            raise ValueError(f'--peer-config is a {detect_library(peer_cfg)} config, '
+                             f'{args.config} a {library} one')
+        variants.append(('convnext', osp.basename(args.peer_config), peer_cfg.model))
+    elif 'convnext' in args.peers:
         if library == 'mmpretrain':
             raise ValueError('--peers convnext with a config: only mmdet and mmseg models')
         variants.append(('convnext', 'same model, ConvNeXt backbone', convnext_backbone_cfg(cfg)))
@@ -226,7 +241,14 @@ def config_cases(args, size, batch: int) -> List[Case]:
         torch.manual_seed(0)
         with DefaultScope.overwrite_default_scope(library):
             # Built but not initialised: no checkpoint is read; speed does not depend on values.
-            model = prepare(revert_sync_batchnorm(registry.build(model_cfg)), args)
+            model = revert_sync_batchnorm(registry.build(model_cfg))
+            if key in ('deploy', 'store-all'):
+                for module in model.modules():
+                    if isinstance(module, Conv2Former):
+                        module.recompute = key != 'store-all'
+                        if key == 'deploy':
+                            module.switch_to_deploy()
+            model = prepare(model, args)
             data = demo_batch(library, model, batch, h, w, args.mode == 'train')
         inputs, samples = data['inputs'].to(args.device), data['data_samples']
         if args.channels_last:
@@ -369,20 +391,22 @@ def peak_memory(step: Callable[[], None], device: str) -> float:
 
 
 def cp_memory(args, size) -> dict:
-    """Training-step peak memory of Conv2Former with and without ``with_cp``."""
+    """Training-step peak memory of Conv2Former storing everything
+    (``recompute=False``), with selective recomputation (the default) and
+    with full checkpointing (``with_cp=True``)."""
     h, w = size
     x = torch.randn(args.batch, 3, h, w, device=args.device)
     result = {}
-    for with_cp in (False, True):
+    for name in ('store-all', 'conv2former', 'with_cp'):
         torch.manual_seed(0)
-        model = prepare(build_backbone('conv2former', args.arch, with_cp=with_cp), args)
+        model = prepare(build_backbone('store-all' if name == 'store-all' else 'conv2former', args.arch,
+                                       with_cp=name == 'with_cp'), args)
         step = make_step(model, x, argparse.Namespace(**{**vars(args), 'mode': 'train'}))
         step()  # warm-up: optimizer state and oneDNN caches exist before measuring
         start = time.perf_counter()
-        result[with_cp] = dict(peak_bytes=peak_memory(step, args.device),
-                               seconds=time.perf_counter() - start)
+        result[name] = dict(peak_bytes=peak_memory(step, args.device),
+                            seconds=time.perf_counter() - start)
         del model, step
-    result['ratio'] = result[True]['peak_bytes'] / result[False]['peak_bytes']
     return result
 
 
@@ -436,49 +460,59 @@ def machine() -> dict:
     return info
 
 
-def print_table(rows: List[dict], ratios: Dict[str, dict], matmul: Optional[dict], show_memory: bool) -> None:
-    head = f'{"model":<34} {"img/s":>8} {"min-max":>13} {"IQR":>6} {"GMACs":>6} {"of matmul":>9} ' \
+def print_table(rows: List[dict], ratios: Dict[str, dict], matmul: Optional[dict], show_memory: bool,
+                base: str) -> None:
+    head = f'{"model":<40} {"img/s":>8} {"min-max":>13} {"IQR":>6} {"GMACs":>6} {"of matmul":>9} ' \
            f'{"cpu/wall":>8} {"faults":>7}'
     if show_memory:
-        head += f' {"peak MB":>8}'
-    head += '  speed-up of Conv2Former (paired)'
+        head += f' {"peak MB":>8} {"memory":>7}'
+    head += f'  speed vs {base} (paired median, min-max)'
     print(head)
     print('-' * len(head))
     for row in rows:
         frac = f'{row["gflop_per_s"] / matmul["gflop_per_s"]:.0%}' if matmul and 'gflop_per_s' in row else ''
-        line = (f'{row["name"]:<34} {row["img_per_s"]:8.2f} {row["min"]:6.2f}-{row["max"]:<6.2f} '
+        line = (f'{row["name"]:<40} {row["img_per_s"]:8.2f} {row["min"]:6.2f}-{row["max"]:<6.2f} '
                 f'{row["iqr_pct"]:5.1f}% {row.get("gmacs_per_image", 0):6.2f} {frac:>9} '
                 f'{row["cpu_per_wall"]:8.2f} {row["faults_per_step"]:7.0f}')
         if show_memory:
-            line += f' {row.get("peak_bytes", float("nan")) / 2**20:8.0f}'
+            line += f' {row.get("peak_bytes", float("nan")) / 2**20:8.0f} {row.get("memory_ratio", 1):6.2f}x'
         if row['name'] in ratios:
             r = ratios[row['name']]
             line += f'  {r["median"]:.2f}x ({r["min"]:.2f}-{r["max"]:.2f})'
         print(line)
     if matmul:
         per = matmul['gflop_per_s'] / matmul['img_per_s']
-        print(f'{matmul["name"]:<34} {matmul["gflop_per_s"]:8.1f} GFLOP/s (min-max '
+        print(f'{matmul["name"]:<40} {matmul["gflop_per_s"]:8.1f} GFLOP/s (min-max '
               f'{matmul["min"] * per:.0f}-{matmul["max"] * per:.0f}, IQR {matmul["iqr_pct"]:.1f}%), '
               f'cpu/wall {matmul["cpu_per_wall"]:.2f}')
 
 
 def check_targets(args, result: dict) -> List[dict]:
-    """Issue 6's targets, where this run's setting is theirs."""
+    """The targets in :data:`TARGETS`, where this run's setting is theirs."""
     checks = []
-    rows = {r['name']: r for r in result.get('throughput', [])}
-    ours = rows.get(f'Conv2Former-{args.arch}')
-    standard = (args.arch == 't' and args.dtype == 'fp32' and args.batch == 8 and args.mode == 'infer'
-                and tuple(result['input_size']) == (224, 224) and not args.config)
-    if standard and ours:
-        for row in result['throughput'][1:]:
-            key = f'vs_{row["key"]}'
-            value = result['ratios'][row['name']]['median']
-            checks.append(dict(target=f'Conv2Former-T >= {TARGETS[key]}x {row["name"]}',
-                               value=round(value, 3), met=value >= TARGETS[key]))
-        if result.get('matmul'):
-            value = ours['gflop_per_s'] / result['matmul']['gflop_per_s']
-            checks.append(dict(target=f'Conv2Former-T >= {TARGETS["of_matmul"]:.0%} of the matmul FLOP rate',
-                               value=round(value, 3), met=value >= TARGETS['of_matmul']))
+    rows = {r['key']: r for r in result.get('throughput', [])}
+    ratios = result.get('ratios', {})
+    size = tuple(result['input_size'])
+    backbone_t = (not args.config and args.arch == 't' and args.batch == 8 and size == (224, 224))
+    mask_rcnn_t = (args.config and 'mask-rcnn_conv2former-t' in args.config and args.batch == 2
+                   and size == (512, 512) and args.peer_config)
+    if args.dtype == 'fp32' and 'convnext' in rows and (backbone_t or mask_rcnn_t):
+        what = 'backbone' if backbone_t else 'Mask R-CNN'
+        if args.mode == 'train' and 'conv2former' in rows:
+            row = rows['conv2former']
+            value = ratios[row['name']]['median']
+            checks.append(dict(target=f'{what} training step >= {TARGETS["train_speed"]}x ConvNeXt-T speed',
+                               value=round(value, 3), met=value >= TARGETS['train_speed']))
+            if 'memory_ratio' in row:
+                value = row['memory_ratio']
+                checks.append(dict(target=f'{what} training step <= {TARGETS["train_memory"]}x ConvNeXt-T '
+                                          'peak activation memory',
+                                   value=round(value, 3), met=value <= TARGETS['train_memory']))
+        if args.mode == 'infer' and 'deploy' in rows:
+            value = ratios[rows['deploy']['name']]['median']
+            checks.append(dict(target=f'{what} inference, deploy form >= {TARGETS["deploy_speed"]}x '
+                                      'ConvNeXt-T speed',
+                               value=round(value, 3), met=value >= TARGETS['deploy_speed']))
     sweep = result.get('sweep')
     if sweep and args.arch == 't':
         first = {r['name']: r for r in sweep if r['size'] == 224}
@@ -525,12 +559,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--compile', action='store_true', help='torch.compile every model')
     parser.add_argument('--mode', choices=['infer', 'train'], default='infer',
                         help='inference, or a training step (forward, backward, SGD update)')
-    parser.add_argument('--peers', default='convnext,reference',
-                        help='comma-separated peers: convnext, reference, or none (default both)')
-    parser.add_argument('--fuse-stem-bn', action='store_true', help='fold the stem BatchNorm (inference)')
-    parser.add_argument('--cpu-chunk-pixels', type=int,
-                        help="override Conv2Former.cpu_chunk_pixels (CPU inference cache blocking; "
-                             "a huge value turns it off)")
+    parser.add_argument('--peers', default='convnext',
+                        help='comma-separated peers: convnext, reference, deploy (inference: the '
+                             'switch_to_deploy() form), store-all (training: recompute=False), '
+                             'or none (default convnext)')
+    parser.add_argument('--peer-config',
+                        help='with a config: time this config\'s model as the ConvNeXt peer (e.g. '
+                             'mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py)')
+    parser.add_argument('--group-pixels', type=int,
+                        help='pixels per image group in CPU inference of the deploy form '
+                             '(mmconv2former.models.deploy.CPU_GROUP_PIXELS; a huge value turns it off)')
     parser.add_argument('--repeats', type=int, default=7, help='timed repeats per case (default 7)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per case first (default 2)')
     parser.add_argument('--iters', type=int, default=1, help='steps per timed repeat (default 1)')
@@ -551,13 +589,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     args.peers = [] if args.peers in ('', 'none') else [p.strip() for p in args.peers.split(',')]
-    unknown = set(args.peers) - {'convnext', 'reference'}
+    unknown = set(args.peers) - {'convnext', 'reference', 'deploy', 'store-all'}
     if unknown:
-        parser.error(f'unknown peers {sorted(unknown)}; choose from convnext, reference, none')
+        parser.error(f'unknown peers {sorted(unknown)}; choose from convnext, reference, deploy, '
+                     'store-all, none')
     if args.config and 'reference' in args.peers:
         args.peers.remove('reference')  # the reference is a bare backbone
-    if args.fuse_stem_bn and (args.mode == 'train' or args.cp_memory):
-        parser.error('--fuse-stem-bn is an inference-time transform')
+    if 'deploy' in args.peers and (args.mode == 'train' or args.cp_memory):
+        parser.error('the deploy form is for inference only (it refuses training)')
+    if 'store-all' in args.peers and args.mode != 'train':
+        parser.error('store-all differs from the default only in training (--mode train)')
+    if args.peer_config and not args.config:
+        parser.error('--peer-config needs a config to compare with')
     if args.clock == 'cpu' and args.device != 'cpu':
         parser.error('--clock cpu measures CPU work; use the wall clock on a GPU')
     if args.dtype == 'fp16' and args.device == 'cpu':
@@ -571,6 +614,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.group_pixels:
+        from mmconv2former.models import deploy
+        deploy.CPU_GROUP_PIXELS = args.group_pixels
     if args.device == 'cuda':
         torch.backends.cudnn.benchmark = True
     size = tuple(args.input_size * 2 if len(args.input_size) == 1 else args.input_size)
@@ -587,11 +633,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     if args.cp_memory:
         mem = cp_memory(args, size)
-        result['cp_memory'] = {'plain': mem[False], 'with_cp': mem[True], 'ratio': mem['ratio']}
+        result['cp_memory'] = mem
         print(f'training-step peak memory, Conv2Former-{args.arch}, batch {args.batch}, {size[0]}x{size[1]}:')
-        print(f'  with_cp=False {mem[False]["peak_bytes"] / 2**20:9.1f} MB')
-        print(f'  with_cp=True  {mem[True]["peak_bytes"] / 2**20:9.1f} MB   ratio {mem["ratio"]:.3f} '
-              f'({1 - mem["ratio"]:.0%} less)')
+        for name, label in (('store-all', 'recompute=False'), ('conv2former', 'recompute=True (default)'),
+                            ('with_cp', 'with_cp=True')):
+            ratio = mem[name]['peak_bytes'] / mem['store-all']['peak_bytes']
+            print(f'  {label:<26} {mem[name]["peak_bytes"] / 2**20:9.1f} MB  {ratio:.2f}x')
     elif args.layout_probe:
         rows = layout_probe(args, size)
         print(f'{"depthwise conv (batch " + str(args.batch) + ")":<52} {"ms":>8}')
@@ -623,17 +670,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         timed = cases + ([] if args.no_matmul else [matmul_case(args.device)])
         run_interleaved(timed, args.repeats, args.warmup, args.iters, args.device, args.clock)
         rows = [summarise(c) for c in cases]
-        ratios = {c.name: paired_ratio(cases[0], c) for c in cases[1:]}
+        # Everything relative to the ConvNeXt peer when there is one.
+        base = next((i for i, c in enumerate(cases) if c.key == 'convnext'), 0)
+        ratios = {c.name: paired_ratio(c, cases[base]) for c in cases}
         matmul = None if args.no_matmul else summarise(timed[-1])
         if args.memory:
             for case, row in zip(cases, rows):
                 row['peak_bytes'] = peak_memory(case.step, args.device)
-        print_table(rows, ratios, matmul, args.memory)
+            for row in rows:
+                row['memory_ratio'] = row['peak_bytes'] / rows[base]['peak_bytes']
+        print_table(rows, ratios, matmul, args.memory, cases[base].name)
         result.update(throughput=rows, ratios=ratios, matmul=matmul)
 
     checks = check_targets(args, result)
     if checks:
-        print('targets (issue 6):')
+        print('targets:')
         for c in checks:
             print(f'  [{"met" if c["met"] else "NOT met"}] {c["target"]}: {c["value"]}')
         result['targets'] = checks
