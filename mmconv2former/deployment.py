@@ -22,6 +22,7 @@ The graph calls the model through its public API only (``extract_feat``,
 model's own code. ``onnx``/``onnxruntime`` are imported only where used:
 ``pip install -e .[deploy]`` (``requirements/deploy.txt``).
 """
+import copy
 import json
 import os
 import os.path as osp
@@ -58,7 +59,8 @@ def load_model(config: str, checkpoint: str, cfg_options: Optional[dict] = None
 
     from .engine.runtime import detect_library, load_config
 
-    cfg = load_config(config, cfg_options)
+    # a copy: mmengine's merge pops `_delete_` out of the dicts it is given
+    cfg = load_config(config, copy.deepcopy(cfg_options))
     library = detect_library(cfg)
     init_default_scope(library)
     if not osp.isfile(checkpoint):
@@ -199,7 +201,7 @@ def _preprocessed(model: nn.Module, images: List[torch.Tensor], data_samples=Non
     return model.data_preprocessor(data, False)
 
 
-def _features_spec(model: nn.Module, preprocess: Preprocess, what: str) -> ExportSpec:
+def _features_spec(model: nn.Module, graph_model: nn.Module, preprocess: Preprocess, what: str) -> ExportSpec:
     def fn(m, x):
         return _flatten(m.extract_feat(x))
 
@@ -208,11 +210,11 @@ def _features_spec(model: nn.Module, preprocess: Preprocess, what: str) -> Expor
 
     with torch.no_grad():
         n = len(fn(model, torch.zeros(1, 3, 64, 64)))
-    return ExportSpec('features', _Graph(model, preprocess, fn), [f'feat_{i}' for i in range(n)],
+    return ExportSpec('features', _Graph(graph_model, preprocess, fn), [f'feat_{i}' for i in range(n)],
                       reference, f'{what}: feature maps (backbone + neck), finest first')
 
 
-def _classifier_spec(model: nn.Module, preprocess: Preprocess) -> ExportSpec:
+def _classifier_spec(model: nn.Module, graph_model: nn.Module, preprocess: Preprocess) -> ExportSpec:
     if not getattr(model, 'with_head', True):
         raise ExportError('this classifier has no head; export it with --features')
 
@@ -222,11 +224,11 @@ def _classifier_spec(model: nn.Module, preprocess: Preprocess) -> ExportSpec:
     def reference(images):
         return _flatten(model(_preprocessed(model, images)['inputs'], mode='tensor'))
 
-    return ExportSpec('classifier', _Graph(model, preprocess, fn), ['logits'], reference,
+    return ExportSpec('classifier', _Graph(graph_model, preprocess, fn), ['logits'], reference,
                       'image classifier: class logits (apply softmax for scores)')
 
 
-def _segmentor_spec(model: nn.Module, preprocess: Preprocess) -> ExportSpec:
+def _segmentor_spec(model: nn.Module, graph_model: nn.Module, preprocess: Preprocess) -> ExportSpec:
     from mmseg.structures import SegDataSample
 
     mode = (getattr(model, 'test_cfg', None) or {}).get('mode', 'whole')
@@ -256,7 +258,7 @@ def _segmentor_spec(model: nn.Module, preprocess: Preprocess) -> ExportSpec:
             logits = torch.logit(logits.clamp(1e-7, 1 - 1e-7))
         return [logits, torch.stack([r.pred_sem_seg.data[0] for r in results]).long()]
 
-    return ExportSpec('segmentor', SegGraph(model, preprocess, None), ['seg_logits', 'seg_labels'],
+    return ExportSpec('segmentor', SegGraph(graph_model, preprocess, None), ['seg_logits', 'seg_labels'],
                       reference, 'segmentor: per-pixel class logits at the input size and their '
                       'labels (whole-image inference)')
 
@@ -267,7 +269,7 @@ def _labels(logits: torch.Tensor, binary: bool, threshold: float) -> torch.Tenso
     return logits.argmax(1)
 
 
-def _detector_spec(model: nn.Module, preprocess: Preprocess) -> ExportSpec:
+def _detector_spec(model: nn.Module, graph_model: nn.Module, preprocess: Preprocess) -> ExportSpec:
     from mmdet.models.detectors import SingleStageDetector, TwoStageDetector
 
     name = type(model).__name__
@@ -302,30 +304,87 @@ def _detector_spec(model: nn.Module, preprocess: Preprocess) -> ExportSpec:
         base = params[i] if i < len(params) else f'output{i}'
         base = base[:-1] if base.endswith('s') else base
         names += [f'{base}_{j}' for j in range(len(_flatten(level_outputs)))]
-    return ExportSpec('detector', _Graph(model, preprocess, fn), names, reference,
+    return ExportSpec('detector', _Graph(graph_model, preprocess, fn), names, reference,
                       f'{name}: raw per-level outputs of {type(model.bbox_head).__name__} '
                       '(no anchors, box decoding or NMS)')
 
 
+class AdaptiveAvgPool2dExport(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` written as two small matrix products.
+
+    ONNX has no adaptive pooling: torch's exporter writes it as an AveragePool
+    only when the input size is known and a multiple of the output size, so
+    the pyramid pooling of UperNet/PSPNet (bins 2, 3, 6 over a stride-32 map)
+    exports neither dynamically nor at most fixed sizes (3x3 -> 2x2). Here
+    bin ``i`` of ``o`` over ``n`` inputs averages inputs
+    ``[floor(i n / o), ceil((i + 1) n / o))``, as torch's kernel does, through
+    an ``(o, n)`` averaging matrix built from the traced input size.
+    """
+
+    def __init__(self, output_size) -> None:
+        super().__init__()
+        size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        self.output_size = size
+
+    @staticmethod
+    def _matrix(n, o: int, like: torch.Tensor) -> torch.Tensor:
+        i = torch.arange(o, device=like.device)
+        start = (i * n) // o
+        end = ((i + 1) * n + o - 1) // o
+        j = torch.arange(n, device=like.device)
+        inside = ((j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])).to(like.dtype)
+        return inside / inside.sum(1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        oh, ow = self.output_size
+        if oh is not None:
+            x = torch.matmul(self._matrix(h, oh, x), x)
+        if ow is not None:
+            x = torch.matmul(x, self._matrix(w, ow, x).t())
+        return x
+
+
+def exportable_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with every
+    ``nn.AdaptiveAvgPool2d`` whose output is not 1x1 (a global average, which
+    ONNX has) replaced by :class:`AdaptiveAvgPool2dExport`."""
+    graph_model = copy.deepcopy(model).eval()
+    for name, module in list(graph_model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.AdaptiveAvgPool2d):
+                size = child.output_size
+                if size not in (1, (1, 1)):
+                    setattr(module, child_name, AdaptiveAvgPool2dExport(size))
+    return graph_model
+
+
 def build_spec(model: nn.Module, library: str, features: bool = False) -> ExportSpec:
-    """What to export for ``model``; :class:`ExportError` when it cannot be."""
+    """What to export for ``model``; :class:`ExportError` when it cannot be.
+
+    The graph is traced from a copy of ``model`` in which the few modules that
+    ONNX cannot express for every input size are replaced by exact equivalents
+    (:func:`exportable_copy`); the reference that ``verify`` compares against
+    is ``model`` itself, untouched.
+    """
     preprocess = preprocess_from(model.data_preprocessor, library)
+    graph_model = exportable_copy(model)
     name = type(model).__name__
     if features:
         if not hasattr(model, 'extract_feat'):
             raise ExportError(f'{name} has no extract_feat(); --features needs an OpenMMLab '
                               'model with a backbone')
-        return _features_spec(model, preprocess, name)
+        return _features_spec(model, graph_model, preprocess, name)
     if library == 'mmpretrain':
         from mmpretrain.models.classifiers import ImageClassifier
         if isinstance(model, ImageClassifier):
-            return _classifier_spec(model, preprocess)
+            return _classifier_spec(model, graph_model, preprocess)
     elif library == 'mmseg':
         from mmseg.models.segmentors import EncoderDecoder
         if isinstance(model, EncoderDecoder):
-            return _segmentor_spec(model, preprocess)
+            return _segmentor_spec(model, graph_model, preprocess)
     elif library == 'mmdet':
-        return _detector_spec(model, preprocess)
+        return _detector_spec(model, graph_model, preprocess)
     raise ExportError(
         f'{name} ({library}) is not a model type this exporter knows. Supported: mmpretrain '
         "ImageClassifier, mmseg EncoderDecoder (and CascadeEncoderDecoder), mmdet single-stage "

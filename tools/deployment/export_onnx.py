@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         named = [(_short(p), im) for p, im in zip(paths, images)]
         report = dep.verify(output, spec, named, shape, args.dynamic, args.tolerance,
                             args.min_agreement, args.repeat)
-    for line in _summarise(report, len(paths)):
+    for line in _summarise(report, len(paths), spec.kind == 'segmentor'):
         print(line)
     if report.failures:
         for failure in report.failures:
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _summarise(report, n_real: int):
+def _summarise(report, n_real: int, dense: bool):
     """All comparisons for a few images; for many, the worst and the mean."""
     lines = report.lines()
     if n_real <= 8:
@@ -137,10 +137,13 @@ def _summarise(report, n_real: int):
     real, rest = report.comparisons[:n_real], lines[n_real:]
     worst = max(real, key=lambda c: c.max_rel_diff)
     head = [f'{n_real} real images: worst max rel diff {worst.max_rel_diff:.2e} ({worst.name})']
-    agreements = [c.label_agreement for c in real if c.label_agreement is not None]
-    if agreements:
-        head[0] += (f'; labels equal: {min(agreements):.3f}% (worst image), '
-                    f'{sum(agreements) / len(agreements):.3f}% (mean)')
+    scored = [c for c in real if c.label_agreement is not None]
+    if scored:
+        # pooled over all labels (pixels, or images for classifiers)
+        weights = [c.shape[0] * (c.shape[2] * c.shape[3] if dense else 1) for c in scored]
+        pooled = sum(w * c.label_agreement for w, c in zip(weights, scored)) / sum(weights)
+        head[0] += (f'; labels equal: {min(c.label_agreement for c in scored):.3f}% '
+                    f'(worst image), {pooled:.3f}% (all)')
     return head + rest
 
 

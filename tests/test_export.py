@@ -1,0 +1,193 @@
+"""ONNX export (mmconv2former.deployment, tools/deployment/export_onnx.py):
+one model of each kind exported and run in onnxruntime against PyTorch, dynamic
+sizes (multiples of 32 and not), the errors for what cannot be exported, and
+the segmentation demo's model end to end. Skipped without the deploy extras
+(requirements/deploy.txt)."""
+import copy
+import importlib.util
+import os.path as osp
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytest.importorskip('onnx')
+pytest.importorskip('onnxruntime')
+
+from mmconv2former import deployment as dep  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location(
+    'export_onnx', osp.join(ROOT, 'tools', 'deployment', 'export_onnx.py'))
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
+
+TINY = dict(channels=[16, 32, 64, 128], depths=[1, 1, 1, 1], kernel_size=7)
+DEMO = osp.join(ROOT, 'configs', 'demo')
+CLS_CONFIG = osp.join(DEMO, 'conv2former-n_1xb32_shapes-demo.py')
+SEG_CONFIG = osp.join(DEMO, 'upernet_conv2former-n_demo.py')
+MASK_RCNN_CONFIG = osp.join(DEMO, 'mask-rcnn_conv2former-n_fpn_demo.py')
+RETINANET_CONFIG = osp.join(ROOT, 'configs', 'retinanet', 'retinanet_conv2former-t_fpn_1x_coco.py')
+
+
+# Small versions of each config: the tiny arch, heads sized to it. Functions,
+# because mmengine's merge pops `_delete_` out of the dicts it is given.
+def tiny() -> dict:
+    return dict(_delete_=True, **TINY)
+
+
+def cls_options() -> dict:
+    return {'model.backbone.arch': tiny(), 'model.neck.in_channels': 128}
+
+
+def seg_options() -> dict:
+    return {'model.backbone.arch': tiny(), 'model.decode_head.in_channels': [16, 32, 64, 128],
+            'model.decode_head.channels': 16, 'model.auxiliary_head.in_channels': 64,
+            'model.auxiliary_head.channels': 16}
+
+
+def mask_rcnn_options() -> dict:
+    return {'model.backbone.arch': tiny(), 'model.neck.in_channels': [16, 32, 64, 128],
+            'model.neck.out_channels': 32, 'model.rpn_head.in_channels': 32,
+            'model.rpn_head.feat_channels': 32}
+
+
+def retinanet_options() -> dict:
+    return {'model.backbone.arch': tiny(), 'model.backbone.init_cfg': None,
+            'model.neck.in_channels': [32, 64, 128], 'model.neck.out_channels': 32,
+            'model.bbox_head.in_channels': 32, 'model.bbox_head.feat_channels': 32,
+            'model.bbox_head.num_classes': 3}
+
+
+def save_checkpoint(config: str, options: dict, path: str, seed: int = 0) -> str:
+    """A checkpoint of the freshly initialised model, as a trained one is laid out."""
+    from mmengine.registry import MODELS, init_default_scope
+
+    from mmconv2former.engine.runtime import detect_library, load_config
+    cfg = load_config(config, copy.deepcopy(options))
+    init_default_scope(detect_library(cfg))
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    torch.save({'state_dict': model.state_dict(),
+                'meta': {'dataset_meta': {'classes': ('a', 'b', 'c')}}}, path)
+    return path
+
+
+def export_and_verify(tmp_path, config, options, shape=(64, 64), dynamic=False, features=False,
+                      images=()):
+    checkpoint = save_checkpoint(config, options, str(tmp_path / 'model.pth'))
+    model, cfg, library = dep.load_model(config, checkpoint, options)
+    spec = dep.build_spec(model, library, features=features)
+    path = dep.export_onnx(spec, str(tmp_path / 'model.onnx'), shape, dynamic=dynamic)
+    real = [(p, im) for p, im in zip(images, dep.load_images(cfg, library, images))]
+    report = dep.verify(path, spec, real, shape, dynamic, repeat=1)
+    assert not report.failures, '\n'.join(report.lines())
+    return spec, report
+
+
+def outputs_of(path):
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    return [o.name for o in session.get_outputs()], session
+
+
+# ----------------------------------------------------------------------------- one of each kind
+def test_classifier_exports_logits_equal_to_pytorch(tmp_path):
+    image = dep.generated_image((64, 64), str(tmp_path))
+    spec, report = export_and_verify(tmp_path, CLS_CONFIG, cls_options(), images=[image])
+    assert spec.kind == 'classifier' and spec.output_names == ['logits']
+    names, session = outputs_of(str(tmp_path / 'model.onnx'))
+    assert names == ['logits'] and session.get_inputs()[0].shape == [1, 3, 64, 64]  # static
+    assert report.max_rel_diff < 1e-4
+    assert all(c.label_agreement == 100.0 for c in report.comparisons)  # same top-1
+
+
+def test_segmentor_dynamic_sizes_multiple_of_32_and_not(tmp_path):
+    spec, report = export_and_verify(tmp_path, SEG_CONFIG, seg_options(), dynamic=True)
+    assert spec.output_names == ['seg_logits', 'seg_labels']
+    shapes = [c.shape for c in report.comparisons]
+    assert (1, 3, 64, 64) in shapes and (2, 3, 96, 128) in shapes and (1, 3, 109, 103) in shapes
+    for c in report.comparisons:
+        assert c.max_rel_diff < 1e-4 and c.label_agreement >= 99.9, c
+    _, session = outputs_of(str(tmp_path / 'model.onnx'))
+    logits, labels = session.run(None, {'images': torch.rand(1, 3, 45, 77).numpy() * 255})
+    assert logits.shape == (1, 5, 45, 77) and labels.shape == (1, 45, 77)  # at the input size
+
+
+def test_segmentor_padding_in_the_graph_is_cropped_off(tmp_path):
+    """A test-time size_divisor pads inside the graph; outputs keep the input size."""
+    options = {**seg_options(), 'model.data_preprocessor.test_cfg': dict(size_divisor=32)}
+    spec, report = export_and_verify(tmp_path, SEG_CONFIG, options, shape=(70, 45), dynamic=True)
+    assert spec.module.preprocess.pads
+    assert all(c.max_rel_diff < 1e-4 for c in report.comparisons)
+
+
+def test_two_stage_detector_exports_features_and_says_why_not_more(tmp_path):
+    checkpoint = save_checkpoint(MASK_RCNN_CONFIG, mask_rcnn_options(), str(tmp_path / 'm.pth'))
+    model, cfg, library = dep.load_model(MASK_RCNN_CONFIG, checkpoint, mask_rcnn_options())
+    with pytest.raises(dep.ExportError, match='two-stage.*RoIAlign.*--features'):
+        dep.build_spec(model, library)
+    spec, report = export_and_verify(tmp_path, MASK_RCNN_CONFIG, mask_rcnn_options(),
+                                     shape=(64, 96), dynamic=True, features=True)
+    assert spec.output_names == [f'feat_{i}' for i in range(5)]  # FPN P2..P6
+    assert report.max_rel_diff < 1e-4
+
+
+def test_single_stage_detector_exports_raw_head_outputs(tmp_path):
+    spec, report = export_and_verify(tmp_path, RETINANET_CONFIG, retinanet_options(),
+                                     shape=(64, 96), dynamic=True)
+    assert spec.output_names == [f'cls_score_{i}' for i in range(5)] + \
+        [f'bbox_pred_{i}' for i in range(5)]
+    _, session = outputs_of(str(tmp_path / 'model.onnx'))
+    outs = session.run(None, {'images': torch.rand(1, 3, 100, 130).numpy() * 255})
+    # 9 anchors x 3 classes / 9 x 4 deltas per location; the input is padded to 128x160
+    assert outs[0].shape == (1, 27, 16, 20) and outs[5].shape == (1, 36, 16, 20)
+    assert report.max_rel_diff < 1e-4
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_model_type_is_refused_with_what_is_supported(tmp_path):
+    checkpoint = save_checkpoint(CLS_CONFIG, cls_options(), str(tmp_path / 'c.pth'))
+    model, _, _ = dep.load_model(CLS_CONFIG, checkpoint, cls_options())
+    with pytest.raises(dep.ExportError, match='not a model type this exporter knows.*Supported'):
+        dep.build_spec(model, 'mmseg')  # a classifier where a segmentor is expected
+    model.data_preprocessor = torch.nn.Identity()
+    with pytest.raises(dep.ExportError, match='unsupported data preprocessor Identity'):
+        dep.build_spec(model, 'mmpretrain')
+
+
+def test_backbone_only_checkpoint_is_refused(tmp_path):
+    from mmconv2former import Conv2Former
+    path = str(tmp_path / 'backbone.pth')
+    torch.save({'state_dict': {'backbone.' + k: v for k, v in
+                               Conv2Former(arch=TINY).state_dict().items()}}, path)
+    with pytest.raises(dep.ExportError, match='(?s)does not match.*whole model'):
+        dep.load_model(CLS_CONFIG, path, cls_options())
+
+
+def test_cli_never_overwrites_without_force(tmp_path, capsys):
+    output = tmp_path / 'model.onnx'
+    output.write_bytes(b'keep me')
+    with pytest.raises(SystemExit, match='exists; pass --force'):
+        tool.main([CLS_CONFIG, str(tmp_path / 'none.pth'), '-o', str(output)])
+    assert output.read_bytes() == b'keep me'
+
+
+def test_cli_export_and_verify(tmp_path, capsys):
+    """The tool end to end: --force replaces a file, --verify prints the numbers."""
+    checkpoint = save_checkpoint(CLS_CONFIG, cls_options(), str(tmp_path / 'c.pth'))
+    output = tmp_path / 'c.onnx'
+    output.write_bytes(b'old')
+    config = tmp_path / 'tiny_classifier.py'
+    config.write_text(f'_base_ = [{CLS_CONFIG!r}]\n'
+                      f'model = dict(backbone=dict(arch=dict(_delete_=True, **{TINY!r})),\n'
+                      '             neck=dict(in_channels=128))\n')
+    rc = tool.main([str(config), checkpoint, '-o', str(output), '--shape', '64', '64', '--force',
+                    '--verify', '--repeat', '1'])
+    out = capsys.readouterr().out
+    assert rc == 0 and output.stat().st_size > 1000
+    assert 'max rel diff' in out and 'onnxruntime' in out and 'PyTorch' in out and ': ok' in out
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+    assert meta['mmconv2former.kind'] == 'classifier' and '"a"' in meta['mmconv2former.classes']
