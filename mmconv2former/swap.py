@@ -106,7 +106,8 @@ def probe_backbone(backbone_cfg: dict, library: str, src: str = 'the config',
     cfg.pop('init_cfg', None)  # no downloads: only the shapes matter
     cfg.pop('pretrained', None)
     with DefaultScope.overwrite_default_scope(library):
-        model = revert_sync_batchnorm(registry.build(cfg)).eval()
+        model = revert_sync_batchnorm(registry.build(cfg))
+    model.eval()  # not chained: mmdet's ResNet.train returns None
     error: Optional[Exception] = None
     for size in sizes:  # some backbones want a minimum (or fixed) input size
         try:
@@ -387,6 +388,8 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
     old_type = _type_name(model.backbone)
     old_channels, old_strides = probe_backbone(_plain(model.backbone), library, src)
     out_indices, notes, problems = map_stages(old_strides, library)
+    if problems:  # the consumers cannot be mapped either
+        raise SwapError(src, problems)
     new_channels = [settings['channels'][s] for s in out_indices]
     consumers, consumer_problems = find_consumers(model)
     problems += consumer_problems
@@ -425,8 +428,10 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
         if isinstance(pre, dict) and (owner is model or 'mean' in pre):
             delta = _preprocessor_delta(pre, library)
             (model_delta if owner is model else top_level)['data_preprocessor'] = delta
-            changes.append(f'{name}: mean/std {pre.get("mean")}/{pre.get("std")} -> Conv2Former\'s RGB '
-                           f'ImageNet statistics {MEAN}/{STD}')
+            rgb = {k: pre[k] for k in ('bgr_to_rgb', 'to_rgb', 'rgb_to_bgr') if k in pre}
+            changes.append(f'{name}: mean {pre.get("mean")}, std {pre.get("std")}, {rgb or "no channel swap"} '
+                           f'-> {", ".join(f"{k}={v}" for k, v in delta.items() if k not in ("mean", "std"))} '
+                           "and Conv2Former's ImageNet mean/std (RGB)")
     if not any('data_preprocessor' in c for c in changes):
         notes.append('no data preprocessor with mean/std found: normalise the images with mean '
                      f'{MEAN}, std {STD}, in RGB order, where your pipeline does')
@@ -439,13 +444,15 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
         old_pw = wrapper.get('paramwise_cfg') or {}
         rate = layer_decay if layer_decay is not None else old_pw.get('decay_rate', old_pw.get('layer_decay_rate'))
         decay_type = 'layer_wise' if layer_decay is not None else old_pw.get('decay_type', 'layer_wise')
-        top_level['optim_wrapper'] = dict(
-            constructor='LayerDecayOptimWrapperConstructor',
-            paramwise_cfg=dict(_delete_=True, decay_rate=rate, decay_type=decay_type))
+        paramwise = dict(_delete_=True) if old_pw else {}  # the source's keys are ConvNeXt's
+        paramwise.update(decay_rate=rate, decay_type=decay_type)
+        top_level['optim_wrapper'] = dict(constructor='LayerDecayOptimWrapperConstructor',
+                                          paramwise_cfg=paramwise)
         changes.append(f'optim_wrapper: constructor {old_constructor or "default"} -> '
                        f'LayerDecayOptimWrapperConstructor (decay_rate {rate}, {decay_type}); paramwise_cfg '
                        f'{_plain(old_pw) or "{}"} replaced')
-    imports = list((cfg.get('custom_imports') or {}).get('imports') or [])
+    imports = (cfg.get('custom_imports') or {}).get('imports') or []
+    imports = [imports] if isinstance(imports, str) else list(imports)
     imports = [i for i in imports if i != 'mmconv2former'] + ['mmconv2former']
 
     settings_text = f'arch {arch_key!r}' if arch_key else f'arch {settings}'
@@ -505,10 +512,11 @@ def _synthetic_batch(model_cfg: dict, library: str, size: int, batch: int = 2) -
         from mmdet.testing import demo_mm_inputs
         panoptic = (model_cfg.get('panoptic_fusion_head') or {}).get('num_stuff_classes', 0) > 0 \
             or 'semantic_head' in model_cfg
-        packed = demo_mm_inputs(batch, [(3, size, size)] * batch, num_items=[2] * batch, num_classes=1,
-                                with_mask=True, with_semantic=panoptic,
-                                sem_seg_output_strides=1)
-        return packed
+        # masks only for models that learn them (RTMDet's assigner reads any it is given)
+        masks = any(word in repr(model_cfg) for word in ('loss_mask', 'mask_head'))
+        # num_classes=2: mmdet draws labels from [1, num_classes)
+        return demo_mm_inputs(batch, [(3, size, size)] * batch, num_items=[2] * batch, num_classes=2,
+                              with_mask=masks, with_semantic=panoptic)
     if library == 'mmseg':
         from mmengine.structures import PixelData
         from mmseg.structures import SegDataSample
@@ -534,11 +542,14 @@ def check_config(path: str, size: int = 224, batch: int = 2) -> Dict[str, Any]:
     number of results) and ``size`` (the side used). Raises if a loss is not
     finite or a prediction is missing.
     """
+    from mmengine.logging import MMLogger
     from mmengine.model import revert_sync_batchnorm
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import DefaultScope
 
     from .engine.runtime import adapt_to_device
+    # init_weights logs every parameter's initialiser at INFO: keep warnings only
+    MMLogger.get_instance(f'swap_check_{id(path)}', log_level='WARNING')
     cfg = Config.fromfile(path)
     library = _library(cfg)
     adapt_to_device(cfg)
@@ -559,7 +570,7 @@ def check_config(path: str, size: int = 224, batch: int = 2) -> Dict[str, Any]:
         wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
         model.train()
         log_vars = model.train_step(_synthetic_batch(cfg.model, library, size, batch), wrapper)
-        loss = float(log_vars['loss'])
+        loss = float(log_vars['loss'].detach())
         if not math.isfinite(loss):
             raise FloatingPointError(f'the training step of {path} gave a non-finite loss: {log_vars}')
         model.eval()

@@ -26,10 +26,10 @@ FAMILIES = {
                     {'neck.in_channels': C}, 64, False),
     'mask_rcnn': ('mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', (0, 1, 2, 3),
                   {'neck.in_channels': C}, 64, False),
-    'retinanet': ('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', (1, 2, 3),
-                  {'neck.in_channels': C[1:]}, 64, False),
-    'fcos': ('mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py', (1, 2, 3),
-             {'neck.in_channels': C[1:]}, 64, False),
+    'retinanet': ('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', (0, 1, 2, 3),
+                  {'neck.in_channels': C}, 64, False),
+    'fcos': ('mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py', (0, 1, 2, 3),
+             {'neck.in_channels': C}, 64, False),
     'rtmdet': ('mmdet::rtmdet/rtmdet_tiny_8xb32-300e_coco.py', (1, 2, 3),
                {'neck.in_channels': C[1:]}, 64, False),
     'solo': ('mmdet::solo/solo_r50_fpn_1x_coco.py', (0, 1, 2, 3), {'neck.in_channels': C}, 64, False),
@@ -76,7 +76,7 @@ def test_swapped_config_trains_and_predicts(family, tmp_path):
     cfg = Config.fromfile(str(dst))
     backbone = cfg.model.backbone
     assert backbone.type == 'Conv2Former' and tuple(backbone.out_indices) == stages
-    assert set(backbone) <= {'type', 'arch', 'out_indices', 'drop_path_rate'}  # nothing of the old one
+    assert set(backbone) <= {'type', 'arch', 'out_indices', 'drop_path_rate', '_scope_'}  # nothing of the old one
     for key, value in expected.items():
         got = _lookup(cfg.model, key)
         assert (list(got) if isinstance(got, (list, tuple)) else got) == value, key
@@ -106,7 +106,7 @@ def test_dilated_segmentation_backbone_maps_by_position(tmp_path):
 
 
 @pytest.mark.parametrize('src, reason', [
-    ('mmdet::faster_rcnn/faster-rcnn_r50-caffe-c4_1x_coco.py', 'roi_head reads the backbone directly'),
+    ('mmdet::faster_rcnn/faster-rcnn_r50-caffe_c4-1x_coco.py', 'roi_head reads the backbone directly'),
     ('mmseg::vit/vit_vit-b16_mln_upernet_8xb2-80k_ade20k-512x512.py', 'strides [16, 16, 16, 16]'),
 ])
 def test_refuses_what_it_cannot_map_and_writes_nothing(src, reason, tmp_path):
@@ -118,9 +118,16 @@ def test_refuses_what_it_cannot_map_and_writes_nothing(src, reason, tmp_path):
     assert not dst.exists() and not list(tmp_path.iterdir())
 
 
-def test_refuses_a_dilated_detector(tmp_path):
-    with pytest.raises(SwapError, match='dilated'):
-        swap_backbone('mmdet::faster_rcnn/faster-rcnn_r50-caffe-dc5_1x_coco.py', 't', str(tmp_path / 'x.py'))
+def test_stage_mapping():
+    from mmconv2former.swap import map_stages
+    assert map_stages([4, 8, 16, 32], 'mmdet')[0] == (0, 1, 2, 3)
+    assert map_stages([8, 16, 32], 'mmdet')[0] == (1, 2, 3)  # CSPNeXt (2, 3, 4), ResNet (1, 2, 3)
+    assert map_stages([32], 'mmpretrain')[0] == (3, )
+    assert map_stages([8, 8], 'mmseg')[0] == (1, 2)
+    # a dilated detector would change the strides its anchors are tied to
+    assert 'dilated' in map_stages([4, 8, 8, 8], 'mmdet')[2][0]
+    assert 'stride 2;' in map_stages([2, 4, 8], 'mmdet')[2][0]
+    assert 'stride 64;' in map_stages([8, 16, 32, 64], 'mmdet')[2][0]
 
 
 def test_never_overwrites_without_force(tmp_path, capsys):
@@ -133,7 +140,7 @@ def test_never_overwrites_without_force(tmp_path, capsys):
     with pytest.raises(FileExistsError):
         swap_backbone(src, 't', str(dst))
     # a refused swap leaves an existing file alone even with --force
-    assert main(['mmdet::faster_rcnn/faster-rcnn_r50-caffe-c4_1x_coco.py', '--arch', 't', '-o', str(dst),
+    assert main(['mmdet::faster_rcnn/faster-rcnn_r50-caffe_c4-1x_coco.py', '--arch', 't', '-o', str(dst),
                  '--force']) == 2
     assert dst.read_text() == '# my own config\n'
     assert main([src, '--arch', 't', '-o', str(dst), '--force']) == 0
