@@ -23,6 +23,7 @@ model's own code. ``onnx``/``onnxruntime`` are imported only where used:
 ``pip install -e .[deploy]`` (``requirements/deploy.txt``).
 """
 import copy
+import importlib
 import json
 import os
 import os.path as osp
@@ -132,27 +133,31 @@ class Preprocess(nn.Module):
         return target - n
 
 
-def preprocess_from(data_preprocessor: nn.Module, library: str) -> Preprocess:
+def _isinstance(obj, module: str, name: str) -> bool:
+    """``isinstance(obj, module.name)``, False where that library is not installed."""
+    try:
+        return isinstance(obj, getattr(importlib.import_module(module), name))
+    except ImportError:
+        return False
+
+
+def preprocess_from(data_preprocessor: nn.Module) -> Preprocess:
     """Read a :class:`Preprocess` off the model's data preprocessor."""
     dp = data_preprocessor
-    name = type(dp).__name__
     mean = getattr(dp, 'mean', None) if getattr(dp, '_enable_normalize', False) else None
     std = getattr(dp, 'std', None) if mean is not None else None
-    if name == 'SegDataPreProcessor':  # mmseg names its own attributes
-        test_cfg = dp.test_cfg or {}
+    if _isinstance(dp, 'mmseg.models.data_preprocessor', 'SegDataPreProcessor'):
+        test_cfg = dp.test_cfg or {}  # mmseg pads at test time only with a test_cfg
         return Preprocess(bool(dp.channel_conversion), mean, std,
                           size_divisor=test_cfg.get('size_divisor') or 1,
                           size=test_cfg.get('size'), pad_value=dp.pad_val)
-    if name == 'ClsDataPreprocessor':  # mmpretrain
+    if _isinstance(dp, 'mmpretrain.models.utils.data_preprocessor', 'ClsDataPreprocessor'):
         return Preprocess(bool(dp.to_rgb), mean, std, dp.pad_size_divisor, None, dp.pad_value)
-    if hasattr(dp, '_channel_conversion') and hasattr(dp, 'pad_size_divisor'):
-        # mmengine's ImgDataPreprocessor and mmdet's DetDataPreprocessor
-        if getattr(dp, 'batch_augments', None) and library != 'mmdet':
-            warnings.warn(f'{name}.batch_augments are training-only and are not exported')
+    if _isinstance(dp, 'mmengine.model', 'ImgDataPreprocessor'):  # and mmdet's subclass
         return Preprocess(bool(dp._channel_conversion), mean, std, dp.pad_size_divisor,
                           None, dp.pad_value)
     raise ExportError(
-        f'unsupported data preprocessor {name}: the exporter knows mmengine\'s '
+        f'unsupported data preprocessor {type(dp).__name__}: the exporter knows mmengine\'s '
         'ImgDataPreprocessor (and mmdet\'s DetDataPreprocessor), mmseg\'s SegDataPreProcessor '
         'and mmpretrain\'s ClsDataPreprocessor, whose test-time work (channel flip, '
         'mean/std, padding) it puts into the graph.')
@@ -236,7 +241,10 @@ def _segmentor_spec(model: nn.Module, graph_model: nn.Module, preprocess: Prepro
         warnings.warn(f"the config tests with test_cfg.mode={mode!r}; the exported graph runs "
                       "whole-image inference (mode='whole'), as model.predict does with it")
     binary = model.out_channels == 1
-    threshold = float(getattr(model.decode_head, 'threshold', 0.3) or 0.3)
+    heads = model.decode_head  # a ModuleList in CascadeEncoderDecoder: the last one predicts
+    head = heads[-1] if isinstance(heads, nn.ModuleList) else heads
+    threshold = getattr(head, 'threshold', None)
+    threshold = 0.3 if threshold is None else float(threshold)  # mmseg's default
 
     class SegGraph(_Graph):
         def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -367,7 +375,7 @@ def build_spec(model: nn.Module, library: str, features: bool = False) -> Export
     (:func:`exportable_copy`); the reference that ``verify`` compares against
     is ``model`` itself, untouched.
     """
-    preprocess = preprocess_from(model.data_preprocessor, library)
+    preprocess = preprocess_from(model.data_preprocessor)
     graph_model = exportable_copy(model)
     name = type(model).__name__
     if features:
@@ -425,23 +433,34 @@ def export_onnx(spec: ExportSpec, path: str, shape: Tuple[int, int] = (224, 224)
     # A dynamic batch is traced from two images: torch.export specialises a size-1 dim.
     example = torch.rand(2 if dynamic and exporter == 'dynamo' else 1, 3, h, w) * 255
     tmp = path + '.part'
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-        warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
-        if exporter == 'torchscript':
-            axes = {'images': {0: 'batch', 2: 'height', 3: 'width'}} if dynamic else None
-            if dynamic:
-                axes.update({n: {0: 'batch'} for n in spec.output_names})
-            torch.onnx.export(module, (example,), tmp, dynamo=False, opset_version=opset,
-                              input_names=['images'], output_names=spec.output_names,
-                              dynamic_axes=axes, do_constant_folding=True)
-        else:
-            auto = torch.export.Dim.AUTO
-            dyn = {'images': {0: auto, 2: auto, 3: auto}} if dynamic else None
-            program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
-                                        input_names=['images'], output_names=spec.output_names,
-                                        dynamic_shapes=dyn, external_data=False)
-            program.save(tmp, external_data=False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+            warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
+            if exporter == 'torchscript':
+                axes = None
+                if dynamic:
+                    axes = {'images': {0: 'batch', 2: 'height', 3: 'width'},
+                            **{n: {0: 'batch'} for n in spec.output_names}}
+                torch.onnx.export(module, (example,), tmp, dynamo=False, opset_version=opset,
+                                  input_names=['images'], output_names=spec.output_names,
+                                  dynamic_axes=axes, do_constant_folding=True)
+            else:
+                auto = torch.export.Dim.AUTO
+                dyn = {'images': {0: auto, 2: auto, 3: auto}} if dynamic else None
+                program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
+                                            input_names=['images'], output_names=spec.output_names,
+                                            dynamic_shapes=dyn, external_data=False)
+                program.save(tmp, external_data=False)
+    except Exception as exc:  # an op or a construct the exporter cannot take
+        if osp.exists(tmp):
+            os.remove(tmp)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(
+            f'torch.onnx ({exporter} exporter, opset {opset}) could not export the {spec.kind} '
+            f'graph: {type(exc).__name__}: {first}\n(the exporter\'s own error is chained to this one). Try the '
+            f"other exporter (--exporter {'dynamo' if exporter == 'torchscript' else 'torchscript'}), "
+            'a higher --opset, or --features to export only backbone + neck.') from exc
     import onnx
     proto = onnx.load(tmp)
     onnx.checker.check_model(proto)
@@ -466,7 +485,8 @@ def _innermost(dataset_cfg):
 
 
 def test_pipeline(cfg) -> Optional[list]:
-    """The config's test pipeline without annotation loading, or None."""
+    """The config's test pipeline up to the packing, without annotation
+    loading (what is left turns a file into the image the model sees), or None."""
     loader = cfg.get('test_dataloader') or cfg.get('val_dataloader')
     pipeline = None
     if loader is not None:
@@ -474,21 +494,26 @@ def test_pipeline(cfg) -> Optional[list]:
     pipeline = pipeline or cfg.get('test_pipeline')
     if not pipeline:
         return None
-    return [t for t in pipeline if not str(t.get('type', '')).startswith('LoadAnnotations')]
+    return [t for t in pipeline
+            if not str(t.get('type', '')).split('.')[-1].startswith(('LoadAnnotations', 'Pack'))]
 
 
 def config_images(cfg, limit: int = 4) -> List[str]:
     """Up to ``limit`` images of the config's test set, if they are on disk."""
     loader = cfg.get('test_dataloader') or cfg.get('val_dataloader') or {}
     ds = _innermost(loader.get('dataset', {})) or {}
-    root = ds.get('data_root') or ''
-    prefix = ds.get('data_prefix') or {}
-    folders = list(prefix.values()) if isinstance(prefix, dict) else [prefix]
-    folders = [f for f in folders if isinstance(f, str)] or ['']
-    for folder in folders[:1]:
-        return find_images([osp.join(root, folder)])[:limit] if osp.isdir(osp.join(root, folder)) \
-            else []
-    return []
+    prefix = ds.get('data_prefix') or ''
+    if isinstance(prefix, dict):
+        prefix = prefix.get('img_path', prefix.get('img', ''))
+    folder = osp.join(ds.get('data_root') or '', prefix if isinstance(prefix, str) else '')
+    found: List[str] = []
+    if folder and osp.isdir(folder):
+        for root, dirs, files in os.walk(folder):  # class sub-folders for mmpretrain
+            dirs.sort()
+            found += [osp.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
+            if len(found) >= limit:
+                break
+    return found[:limit]
 
 
 def find_images(paths: Sequence[str]) -> List[str]:
@@ -506,8 +531,8 @@ def find_images(paths: Sequence[str]) -> List[str]:
 
 
 def generated_image(size: Tuple[int, int], directory: str) -> str:
-    """Write a textured natural-looking test scene (the segmentation demo's
-    generator) as PNG and return its path."""
+    """Write a textured test scene (the segmentation demo's generator) as PNG
+    and return its path."""
     from PIL import Image
 
     from .datasets.materials import make_material_scene
@@ -518,20 +543,24 @@ def generated_image(size: Tuple[int, int], directory: str) -> str:
 
 
 def load_images(cfg, library: str, paths: Sequence[str]) -> List[torch.Tensor]:
-    """Each image as the config's test pipeline hands it to the model:
-    a ``(3, H, W)`` uint8 tensor (BGR, resized as the pipeline resizes)."""
+    """Each image as the config's test pipeline hands it to the model: a
+    ``(3, H, W)`` uint8 tensor (BGR as mmcv reads it, resized as the pipeline
+    resizes), or the file as mmcv reads it when the config has no pipeline."""
+    import mmcv
     from mmengine.dataset import Compose
     from mmengine.registry import init_default_scope
     init_default_scope(library)
     pipeline = test_pipeline(cfg)
-    images = []
     compose = Compose(pipeline) if pipeline else None
-    for path in paths:
+    images = []
+    for i, path in enumerate(paths):
         if compose is not None:
-            images.append(compose(dict(img_path=path))['inputs'])
-        else:  # no pipeline: the image as mmcv reads it
-            import mmcv
-            images.append(torch.from_numpy(mmcv.imread(path)).permute(2, 0, 1).contiguous())
+            img = compose(dict(img_path=path, img_id=i))['img']
+        else:
+            img = mmcv.imread(path)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        images.append(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))))
     return images
 
 

@@ -191,3 +191,37 @@ def test_cli_export_and_verify(tmp_path, capsys):
     import onnx
     meta = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
     assert meta['mmconv2former.kind'] == 'classifier' and '"a"' in meta['mmconv2former.classes']
+
+
+def test_exporter_failure_is_reported_with_what_to_try(tmp_path):
+    class Unexportable(torch.nn.Module):
+        def forward(self, images):
+            raise RuntimeError('no symbolic for this op')
+
+    spec = dep.ExportSpec('features', Unexportable(), ['feat_0'], lambda images: [],
+                          'a graph that cannot be traced')
+    path = tmp_path / 'bad.onnx'
+    with pytest.raises(dep.ExportError, match='(?s)could not export.*no symbolic.*--exporter dynamo'):
+        dep.export_onnx(spec, str(path), (64, 64))
+    assert not path.exists() and not (tmp_path / 'bad.onnx.part').exists()
+
+
+@pytest.mark.slow
+def test_segmentation_demo_export_matches_pytorch_on_its_validation_images(tmp_path, capsys):
+    """The demo as a user runs it (a short training), then the tool on its
+    config and checkpoint: every validation image's labels as PyTorch's."""
+    spec = importlib.util.spec_from_file_location(
+        'segmentation_demo', osp.join(ROOT, 'tools', 'demo', 'segmentation_demo.py'))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    data_root = str(tmp_path / 'ade_demo')
+    summary = demo.main(['--iters', '20', '--num-train', '16', '--num-val', '80', '--num-vis', '1',
+                         '--work-dir', str(tmp_path / 'work'), '--data-root', data_root])
+    output = str(tmp_path / 'demo.onnx')
+    rc = tool.main([SEG_CONFIG, summary['checkpoint'], '-o', output, '--dynamic', '--verify',
+                    '--image', osp.join(data_root, 'images', 'validation'), '--repeat', '3'])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    line = next(x for x in out.splitlines() if x.startswith('80 real images'))
+    pooled = float(line.rsplit('labels equal: ', 1)[1].split('% (worst image), ')[1].split('%')[0])
+    assert pooled >= 99.9, line

@@ -31,6 +31,7 @@ import argparse  # noqa: E402
 import os.path as osp  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # a checkout
 
@@ -97,7 +98,9 @@ def main(argv=None) -> int:
         dep.export_onnx(spec, output, shape, dynamic=args.dynamic, opset=args.opset,
                         exporter=args.exporter, force=args.force,
                         metadata=dep.metadata_for(model, args.config, args.checkpoint))
-    except (ValueError, FileExistsError) as exc:
+    except (ValueError, FileExistsError) as exc:  # ExportError is a ValueError
+        if exc.__cause__ is not None:  # the exporter's own traceback, for a bug report
+            traceback.print_exception(exc.__cause__)
         raise SystemExit(f'error: {exc}')
     size_mb = osp.getsize(output) / 2 ** 20
     print(f'wrote {output} ({size_mb:.1f} MB, {args.exporter} exporter, '
@@ -111,13 +114,13 @@ def main(argv=None) -> int:
 
     with dep.temporary_directory() as tmp:
         paths = (dep.find_images(args.image) if args.image else dep.config_images(cfg))
+        names = [_short(p) for p in paths]
         if not paths:
-            paths = [dep.generated_image(shape, tmp)]
+            paths, names = [dep.generated_image(shape, tmp)], ['generated scene']
             print(f'no --image given and no test images of the config on disk: using a '
                   f'generated {shape[0]}x{shape[1]} scene')
         images = dep.load_images(cfg, library, paths)
-        # one comparison per distinct image size keeps the log short for a folder of images
-        named = [(_short(p), im) for p, im in zip(paths, images)]
+        named = list(zip(names, images))
         report = dep.verify(output, spec, named, shape, args.dynamic, args.tolerance,
                             args.min_agreement, args.repeat)
     for line in _summarise(report, len(paths), spec.kind == 'segmentor'):
