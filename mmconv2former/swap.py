@@ -496,9 +496,11 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
 
 # ----------------------------------------------------------------------------- checking
 def _check_size(model_cfg: dict, size: int) -> int:
-    """A side large enough that DETR-style two-stage detectors find as many
-    tokens (strides 8-64) as they have queries."""
-    queries = model_cfg.get('num_queries') or 0
+    """A side large enough that DETR-style two-stage detectors (which rank
+    their queries among the encoder's tokens) find as many tokens (strides
+    8-64) as they have queries."""
+    two_stage = model_cfg.get('as_two_stage') or _type_name(model_cfg) in ('DINO', 'DDQDETR')
+    queries = (model_cfg.get('num_queries') or 0) if two_stage else 0
     while sum((size // s) ** 2 for s in (8, 16, 32, 64)) < queries:
         size += 32
     return size
