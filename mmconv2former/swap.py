@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn as nn
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config
 
 from .models import Conv2Former
 
@@ -119,15 +118,16 @@ def probe_backbone(backbone_cfg: dict, library: str, src: str = 'the config',
         if torch.is_tensor(outs):
             outs = (outs, )
         if not isinstance(outs, (list, tuple)) or not all(torch.is_tensor(o) and o.ndim == 4 for o in outs):
+            items = outs if isinstance(outs, (list, tuple)) else [outs]
+            shapes = [tuple(o.shape) if torch.is_tensor(o) else type(o).__name__ for o in items]
             raise SwapError(src, [
-                f'the backbone {cfg.get("type")} returns {type(outs).__name__} of '
-                f'{[getattr(o, "shape", type(o).__name__) for o in outs] if isinstance(outs, (list, tuple)) else "?"}'
-                ', not a sequence of (B, C, H, W) maps; its consumers must be adapted by hand'])
+                f'the backbone {cfg.get("type")} returns {type(outs).__name__} of {shapes}, not a '
+                'sequence of (B, C, H, W) maps; set its consumers\' channels by hand'])
         channels = [int(o.shape[1]) for o in outs]
         strides = [size / o.shape[-1] for o in outs]
         return channels, [int(round(s)) if abs(s - round(s)) < 0.2 else s for s in strides]
-    raise SwapError(src, [f'could not run the source backbone {cfg.get("type")} on a '
-                                           f'random image ({type(error).__name__}: {error})'])
+    raise SwapError(src, [f'could not run the source backbone {cfg.get("type")} on a random image '
+                          f'({type(error).__name__}: {error})'])
 
 
 def map_stages(strides: Sequence[Union[int, float]], library: str) -> Tuple[Tuple[int, ...], List[str], List[str]]:
