@@ -353,11 +353,21 @@ class AdaptiveAvgPool2dExport(nn.Module):
         return x
 
 
-def exportable_copy(model: nn.Module) -> nn.Module:
+def exportable_copy(model: nn.Module, switch_to_deploy: bool = False) -> nn.Module:
     """A deep copy of ``model`` in eval mode with every
     ``nn.AdaptiveAvgPool2d`` whose output is not 1x1 (a global average, which
-    ONNX has) replaced by :class:`AdaptiveAvgPool2dExport`."""
+    ONNX has) replaced by :class:`AdaptiveAvgPool2dExport`; with
+    ``switch_to_deploy``, every submodule that has a ``switch_to_deploy()``
+    (Conv2Former, mmpretrain's RepVGG/MobileOne) rewritten into its inference
+    form first."""
     graph_model = copy.deepcopy(model).eval()
+    if switch_to_deploy:
+        targets = [m for m in graph_model.modules() if callable(getattr(m, 'switch_to_deploy', None))]
+        if not targets:
+            raise ExportError(f'switch_to_deploy: no module of {type(model).__name__} has a '
+                              'switch_to_deploy() method')
+        for module in targets:
+            module.switch_to_deploy()
     for name, module in list(graph_model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.AdaptiveAvgPool2d):
@@ -367,16 +377,18 @@ def exportable_copy(model: nn.Module) -> nn.Module:
     return graph_model
 
 
-def build_spec(model: nn.Module, library: str, features: bool = False) -> ExportSpec:
+def build_spec(model: nn.Module, library: str, features: bool = False,
+               switch_to_deploy: bool = False) -> ExportSpec:
     """What to export for ``model``; :class:`ExportError` when it cannot be.
 
     The graph is traced from a copy of ``model`` in which the few modules that
     ONNX cannot express for every input size are replaced by exact equivalents
-    (:func:`exportable_copy`); the reference that ``verify`` compares against
+    (:func:`exportable_copy`), and, with ``switch_to_deploy``, the backbone in
+    its folded inference form; the reference that ``verify`` compares against
     is ``model`` itself, untouched.
     """
     preprocess = preprocess_from(model.data_preprocessor)
-    graph_model = exportable_copy(model)
+    graph_model = exportable_copy(model, switch_to_deploy)
     name = type(model).__name__
     if features:
         if not hasattr(model, 'extract_feat'):

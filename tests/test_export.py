@@ -75,10 +75,10 @@ def save_checkpoint(config: str, options: dict, path: str, seed: int = 0) -> str
 
 
 def export_and_verify(tmp_path, config, options, shape=(64, 64), dynamic=False, features=False,
-                      images=()):
+                      images=(), switch_to_deploy=False):
     checkpoint = save_checkpoint(config, options, str(tmp_path / 'model.pth'))
     model, cfg, library = dep.load_model(config, checkpoint, options)
-    spec = dep.build_spec(model, library, features=features)
+    spec = dep.build_spec(model, library, features=features, switch_to_deploy=switch_to_deploy)
     path = dep.export_onnx(spec, str(tmp_path / 'model.onnx'), shape, dynamic=dynamic)
     real = [(p, im) for p, im in zip(images, dep.load_images(cfg, library, images))]
     report = dep.verify(path, spec, real, shape, dynamic, repeat=1)
@@ -101,6 +101,15 @@ def test_classifier_exports_logits_equal_to_pytorch(tmp_path):
     assert names == ['logits'] and session.get_inputs()[0].shape == [1, 3, 64, 64]  # static
     assert report.max_rel_diff < 1e-4
     assert all(c.label_agreement == 100.0 for c in report.comparisons)  # same top-1
+
+
+def test_backbone_in_deploy_form_exports_the_same_numbers(tmp_path):
+    """--switch-to-deploy folds the backbone of the graph's copy; verify
+    compares with the original model, which stays trainable."""
+    spec, report = export_and_verify(tmp_path, CLS_CONFIG, cls_options(), dynamic=True,
+                                     switch_to_deploy=True)
+    assert spec.module.model.backbone.deployed
+    assert report.max_rel_diff < 1e-4
 
 
 def test_segmentor_dynamic_sizes_multiple_of_32_and_not(tmp_path):

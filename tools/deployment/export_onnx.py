@@ -1,7 +1,8 @@
 """Export a trained classifier, segmentor or detector to ONNX, and check it.
 
     python tools/deployment/export_onnx.py CONFIG CHECKPOINT -o model.onnx
-        [--shape H W] [--dynamic] [--opset N] [--features] [--exporter torchscript|dynamo]
+        [--shape H W] [--dynamic] [--opset N] [--features] [--switch-to-deploy]
+        [--exporter torchscript|dynamo]
         [--verify [--image PATH ...] [--tolerance 1e-4] [--repeat 5]] [--force]
 
 The graph takes raw pixels, float32 (N, 3, H, W), in the channel order the
@@ -53,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--opset', type=int, help='ONNX opset (default 17; 18 with --exporter dynamo)')
     parser.add_argument('--features', action='store_true',
                         help='export backbone + neck feature maps only')
+    parser.add_argument('--switch-to-deploy', action='store_true',
+                        help="export the backbone in its folded inference form "
+                        "(Conv2Former.switch_to_deploy(): layer scales and the stem's BatchNorm "
+                        'folded into weights); --verify still compares with the original model')
     parser.add_argument('--exporter', choices=['torchscript', 'dynamo'], default='torchscript',
                         help="torch.onnx's TorchScript exporter (default: fast, any dynamic size) "
                         'or the torch.export-based one (needs onnxscript)')
@@ -89,7 +94,8 @@ def main(argv=None) -> int:
                          "pip install -r requirements/deploy.txt (or pip install -e '.[deploy]')")
     try:
         model, cfg, library = dep.load_model(args.config, args.checkpoint, args.cfg_options)
-        spec = dep.build_spec(model, library, features=args.features)
+        spec = dep.build_spec(model, library, features=args.features,
+                              switch_to_deploy=args.switch_to_deploy)
     except (dep.ExportError, FileNotFoundError) as exc:
         raise SystemExit(f'error: {exc}')
     shape = tuple(args.shape) if args.shape else dep.default_shape(cfg, library)
