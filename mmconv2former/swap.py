@@ -17,6 +17,7 @@ import math
 import os
 import os.path as osp
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -428,10 +429,9 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
         if isinstance(pre, dict) and (owner is model or 'mean' in pre):
             delta = _preprocessor_delta(pre, library)
             (model_delta if owner is model else top_level)['data_preprocessor'] = delta
-            rgb = {k: pre[k] for k in ('bgr_to_rgb', 'to_rgb', 'rgb_to_bgr') if k in pre}
-            changes.append(f'{name}: mean {pre.get("mean")}, std {pre.get("std")}, {rgb or "no channel swap"} '
-                           f'-> {", ".join(f"{k}={v}" for k, v in delta.items() if k not in ("mean", "std"))} '
-                           "and Conv2Former's ImageNet mean/std (RGB)")
+            was = ', '.join(f'{k}={pre[k]}' for k in ('mean', 'std', 'bgr_to_rgb', 'to_rgb', 'rgb_to_bgr')
+                            if k in pre)
+            changes.append(f"{name}: Conv2Former's ImageNet mean/std on RGB images (was {was})")
     if not any('data_preprocessor' in c for c in changes):
         notes.append('no data preprocessor with mean/std found: normalise the images with mean '
                      f'{MEAN}, std {STD}, in RGB order, where your pipeline does')
@@ -449,8 +449,8 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
         top_level['optim_wrapper'] = dict(constructor='LayerDecayOptimWrapperConstructor',
                                           paramwise_cfg=paramwise)
         changes.append(f'optim_wrapper: constructor {old_constructor or "default"} -> '
-                       f'LayerDecayOptimWrapperConstructor (decay_rate {rate}, {decay_type}); paramwise_cfg '
-                       f'{_plain(old_pw) or "{}"} replaced')
+                       f'LayerDecayOptimWrapperConstructor (decay_rate {rate}, {decay_type})'
+                       + (f'; paramwise_cfg {_plain(old_pw)} replaced' if old_pw else ''))
     imports = (cfg.get('custom_imports') or {}).get('imports') or []
     imports = [imports] if isinstance(imports, str) else list(imports)
     imports = [i for i in imports if i != 'mmconv2former'] + ['mmconv2former']
@@ -459,17 +459,18 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
     old_desc = ', '.join(f'{c}@{s}' for c, s in zip(old_channels, old_strides))
     new_desc = ', '.join(f'{c}@{4 * 2 ** s}' for c, s in zip(new_channels, out_indices))
     base = src if '::' in src else osp.relpath(path, osp.dirname(dst))
-    header = [
-        f'# {osp.basename(src)} with a Conv2Former backbone ({settings_text}).',
-        '# Written by tools/misc/swap_backbone.py; a delta over the source config:',
-        f'#   backbone {old_type} (outputs channels@stride: {old_desc}) -> Conv2Former stages',
-        f'#   {list(out_indices)} ({new_desc}), each output at the stride the consumers expect;',
-    ]
-    header += ['#   ' + c for c in changes]
-    header += ['#   ' + n for n in notes]
+    same = [4 * 2 ** s for s in out_indices] == list(old_strides)
+    lines = [f'backbone {old_type} (outputs channels@stride: {old_desc}) -> Conv2Former stages '
+             f'{list(out_indices)} ({new_desc}){", the same strides" if same else ""}']
+    lines += changes + notes
     if 'optim_wrapper' not in top_level:
-        header.append('#   optimiser and schedule: the source\'s (the paper fine-tunes with AdamW, '
-                      'wd 0.05 and layer-wise lr decay: see --layer-decay)')
+        lines.append("optimiser and schedule: the source's (our COCO configs use AdamW, lr 1e-4, weight "
+                     'decay 0.05 and layer-wise lr decay 0.95: see --layer-decay)')
+    header = [f'# {osp.basename(src)} with a Conv2Former backbone ({settings_text}).',
+              '# Written by tools/misc/swap_backbone.py as a delta over the source config:']
+    for line in lines:
+        header += textwrap.wrap(line, 100, initial_indent='#   ', subsequent_indent='#     ',
+                                break_on_hyphens=False)
     body = [f'_base_ = {base!r}',
             f"custom_imports = dict(imports={imports!r}, allow_failed_imports=False)", '',
             f'model = {_fmt(model_delta)}']
