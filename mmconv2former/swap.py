@@ -422,7 +422,7 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
     model_delta = dict(backbone=backbone, **model_delta)
     if model.get('pretrained') is not None:  # mmseg's EncoderDecoder hands it to the backbone
         model_delta['pretrained'] = None
-        changes.append(f'model.pretrained: {model.pretrained!r} -> None (ResNet weights)')
+        changes.append(f'model.pretrained: {model.pretrained!r} -> None (the old backbone\'s weights)')
     top_level: Dict[str, Any] = {}
     for owner, name in ((model, 'model.data_preprocessor'), (cfg, 'data_preprocessor')):
         pre = owner.get('data_preprocessor')
