@@ -255,6 +255,11 @@ def test_train_test_tta_and_inferencer_end_to_end(tiny_ade, tmp_path):
     drawn = [p for p in glob.glob(osp.join(show_dir, '**', '*'), recursive=True) if p.endswith(('.png', '.jpg'))]
     assert len(drawn) == 4, drawn
 
+    # the fast inference form (switch_to_deploy after loading) scores the same
+    deployed = test_tool.main([DEMO_CONFIG, checkpoint, '--deploy', '--work-dir', str(tmp_path / 'deploy'),
+                               *options])
+    assert abs(deployed['mIoU'] - metrics['mIoU']) <= 0.1, (deployed, metrics)
+
     # multi-scale + flip through mmseg's SegTTAModel and the config's tta_pipeline
     tta = test_tool.main([DEMO_CONFIG, checkpoint, '--tta', '--work-dir', str(tmp_path / 'tta'), *options])
     assert 0.0 <= tta['mIoU'] <= 100.0

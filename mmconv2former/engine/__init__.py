@@ -1,4 +1,5 @@
-from .hooks import EpochReseedHook, NonFiniteCheckHook
+from .hooks import EpochReseedHook, NonFiniteCheckHook, SwitchToDeployHook
 from .layer_decay import LayerDecayOptimWrapperConstructor
 
-__all__ = ['EpochReseedHook', 'LayerDecayOptimWrapperConstructor', 'NonFiniteCheckHook']
+__all__ = ['EpochReseedHook', 'LayerDecayOptimWrapperConstructor', 'NonFiniteCheckHook',
+           'SwitchToDeployHook']

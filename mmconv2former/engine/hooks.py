@@ -86,3 +86,26 @@ class EpochReseedHook(Hook):
 __all__: Sequence[str] = ['NonFiniteCheckHook', 'EpochReseedHook']
 register_hook(NonFiniteCheckHook)
 register_hook(EpochReseedHook)
+
+
+class SwitchToDeployHook(Hook):
+    """Evaluate with every Conv2Former backbone in its deploy form.
+
+    Runs after the runner has loaded the checkpoint (``before_test``), so
+    the folded weights are the trained ones; ``tools/test.py --deploy`` adds
+    it. Test-only: a deployed backbone refuses ``train()``.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def before_test(self, runner) -> None:
+        from ..models import Conv2Former
+        model = runner.model.module if hasattr(runner.model, 'module') else runner.model
+        backbones = [m for m in model.modules() if isinstance(m, Conv2Former)]
+        if not backbones:
+            raise RuntimeError('--deploy: this model has no Conv2Former backbone to switch')
+        for backbone in backbones:
+            backbone.switch_to_deploy()
+
+
+register_hook(SwitchToDeployHook)

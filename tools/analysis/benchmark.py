@@ -228,7 +228,8 @@ def config_cases(args, size, batch: int) -> List[Case]:
         if peer in args.peers:
             variants.append((peer, f'{osp.basename(args.config)} {peer}', cfg.model))
     if args.peer_config:
-        peer_cfg = Config.fromfile(args.peer_config)
+        from mmconv2former.swap import resolve_config  # also takes mmdet::... paths
+        peer_cfg = Config.fromfile(resolve_config(args.peer_config))
         if detect_library(peer_cfg) != library:
             raise ValueError(f'--peer-config is a {detect_library(peer_cfg)} config, '
                              f'{args.config} a {library} one')
