@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from mmconv2former import Conv2Former
 from mmconv2former.models import deploy
-from test_block import assert_matches, pair
+from test_conv2former import TINY
+from test_block import assert_matches, assert_traces_with_plain_ops, count_flops, pair
 
 
 def deployed(**kwargs):
@@ -71,21 +72,11 @@ def test_deployed_model_under_autograd_and_autocast():
 
 
 def test_deployed_model_traces_and_counts_flops_with_plain_ops():
-    from torch.utils.flop_counter import FlopCounterMode
     ours, ref = deployed()
     plain, _ = pair()
     x = torch.randn(1, 3, 64, 64)
-    counts = []
-    for model in (ours, plain):
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(x)
-        counts.append(counter.get_total_flops())
-    assert counts[0] == counts[1] > 0
-    with torch.no_grad():
-        traced = torch.jit.trace(ours, x, check_trace=False)
-        assert_matches(traced(x), ref.forward_stages(x))
-    assert 'mkldnn' not in str(traced.graph)
+    assert count_flops(ours, x) == count_flops(plain, x) > 0
+    assert_traces_with_plain_ops(ours, ref, x)
 
 
 def test_deploy_is_one_way_and_idempotent():
@@ -112,7 +103,7 @@ def test_deploy_is_one_way_and_idempotent():
 
 def test_deploy_works_with_a_trained_batchnorm_and_out_norms():
     torch.manual_seed(0)
-    model = Conv2Former(TINY_ARCH, out_indices=(1, 3)).train()
+    model = Conv2Former(TINY, out_indices=(1, 3)).train()
     model(torch.randn(4, 3, 64, 64) * 3 + 1)  # moves the stem BatchNorm statistics
     model.eval()
     x = torch.randn(2, 3, 64, 64)
@@ -122,5 +113,3 @@ def test_deploy_works_with_a_trained_batchnorm_and_out_norms():
         for a, b in zip(model(x), expected):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
-
-TINY_ARCH = dict(channels=[16, 32, 48, 64], depths=[1, 2, 3, 1], kernel_size=5)
