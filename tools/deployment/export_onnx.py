@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         named = list(zip(names, images))
         report = dep.verify(output, spec, named, shape, args.dynamic, args.tolerance,
                             args.min_agreement, args.repeat)
-    for line in _summarise(report, len(paths), spec.kind == 'segmentor'):
+    for line in _summarise(report, len(paths)):
         print(line)
     if report.failures:
         for failure in report.failures:
@@ -138,8 +138,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _summarise(report, n_real: int, dense: bool):
-    """All comparisons for a few images; for many, the worst and the mean."""
+def _summarise(report, n_real: int):
+    """All comparisons for a few images; for many, the worst one and the labels pooled."""
     lines = report.lines()
     if n_real <= 8:
         return lines
@@ -147,12 +147,12 @@ def _summarise(report, n_real: int, dense: bool):
     worst = max(real, key=lambda c: c.max_rel_diff)
     head = [f'{n_real} real images: worst max rel diff {worst.max_rel_diff:.2e} ({worst.name})']
     scored = [c for c in real if c.label_agreement is not None]
-    if scored:
-        # pooled over all labels (pixels, or images for classifiers)
-        weights = [c.shape[0] * (c.shape[2] * c.shape[3] if dense else 1) for c in scored]
-        pooled = sum(w * c.label_agreement for w, c in zip(weights, scored)) / sum(weights)
-        head[0] += (f'; labels equal: {min(c.label_agreement for c in scored):.3f}% '
-                    f'(worst image), {pooled:.3f}% (all)')
+    if scored:  # pooled over all labels (pixels, or images for classifiers)
+        labels = sum(c.labels for c in scored)
+        mismatches = sum(c.label_mismatches for c in scored)
+        head[0] += (f'; labels equal: {min(c.label_agreement for c in scored):.3f}% (worst image), '
+                    f'{100.0 * (labels - mismatches) / labels:.4f}% of all '
+                    f'({mismatches} of {labels} differ)')
     return head + rest
 
 
