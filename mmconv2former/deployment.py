@@ -39,6 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Side of the blank image run once to count a model's outputs: big enough that
+# an FPN's extra levels (stride 64, 128) are 2x2, which GroupNorm heads need.
+PROBE_SIZE = 256
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -214,7 +217,7 @@ def _features_spec(model: nn.Module, graph_model: nn.Module, preprocess: Preproc
         return _flatten(model.extract_feat(_preprocessed(model, images)['inputs']))
 
     with torch.no_grad():
-        n = len(fn(model, torch.zeros(1, 3, 64, 64)))
+        n = len(fn(model, torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE)))
     return ExportSpec('features', _Graph(graph_model, preprocess, fn), [f'feat_{i}' for i in range(n)],
                       reference, f'{what}: feature maps (backbone + neck), finest first')
 
@@ -302,7 +305,7 @@ def _detector_spec(model: nn.Module, graph_model: nn.Module, preprocess: Preproc
         return _flatten(model(_preprocessed(model, images)['inputs'], mode='tensor'))
 
     with torch.no_grad():
-        outputs = model(torch.zeros(1, 3, 64, 64), mode='tensor')
+        outputs = model(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE), mode='tensor')
     # name the per-level lists after the head's predict_by_feat arguments
     import inspect
     params = [p for p in inspect.signature(model.bbox_head.predict_by_feat).parameters
