@@ -28,10 +28,9 @@ import json
 import os
 import os.path as osp
 import statistics
-import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -175,7 +174,6 @@ class ExportSpec:
     output_names: List[str]
     reference: Callable[[List[torch.Tensor]], List[torch.Tensor]]  # the library's own route
     description: str
-    extra: Dict[str, str] = field(default_factory=dict)
 
 
 class _Graph(nn.Module):
@@ -209,7 +207,8 @@ def _preprocessed(model: nn.Module, images: List[torch.Tensor], data_samples=Non
     return model.data_preprocessor(data, False)
 
 
-def _features_spec(model: nn.Module, graph_model: nn.Module, preprocess: Preprocess, what: str) -> ExportSpec:
+def _features_spec(model: nn.Module, graph_model: nn.Module, preprocess: Preprocess,
+                   what: str) -> ExportSpec:
     def fn(m, x):
         return _flatten(m.extract_feat(x))
 
@@ -471,11 +470,12 @@ def export_onnx(spec: ExportSpec, path: str, shape: Tuple[int, int] = (224, 224)
         if osp.exists(tmp):
             os.remove(tmp)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        other = 'dynamo' if exporter == 'torchscript' else 'torchscript'
         raise ExportError(
             f'torch.onnx ({exporter} exporter, opset {opset}) could not export the {spec.kind} '
-            f'graph: {type(exc).__name__}: {first}\n(the exporter\'s own error is chained to this one). Try the '
-            f"other exporter (--exporter {'dynamo' if exporter == 'torchscript' else 'torchscript'}), "
-            'a higher --opset, or --features to export only backbone + neck.') from exc
+            f'graph: {type(exc).__name__}: {first}\n(the exporter\'s own error is chained to '
+            f'this one). Try the other exporter (--exporter {other}), a higher --opset, or '
+            '--features to export only backbone + neck.') from exc
     import onnx
     proto = onnx.load(tmp)
     onnx.checker.check_model(proto)
@@ -483,7 +483,7 @@ def export_onnx(spec: ExportSpec, path: str, shape: Tuple[int, int] = (224, 224)
             'mmconv2former.input': 'images: float32 (N, 3, H, W) raw pixels, channel order as '
                                    "the config's test pipeline loads them (BGR); the model's "
                                    'normalisation and padding are in the graph',
-            **spec.extra, **(metadata or {})}
+            **(metadata or {})}
     for key, value in info.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -745,10 +745,6 @@ def metadata_for(model: nn.Module, config: str, checkpoint: str) -> Dict[str, st
     if classes:
         info['mmconv2former.classes'] = json.dumps(classes)
     return info
-
-
-def temporary_directory() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix='mmconv2former_export_')
 
 
 __all__ = ['ExportError', 'ExportSpec', 'Preprocess', 'VerifyReport', 'build_spec', 'export_onnx',

@@ -31,6 +31,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import argparse  # noqa: E402
 import os.path as osp  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     if not args.verify:
         return 0
 
-    with dep.temporary_directory() as tmp:
+    with tempfile.TemporaryDirectory(prefix='mmconv2former_export_') as tmp:
         paths = (dep.find_images(args.image) if args.image else dep.config_images(cfg))
         names = [_short(p) for p in paths]
         if not paths:
