@@ -234,3 +234,9 @@ def test_segmentation_demo_export_matches_pytorch_on_its_validation_images(tmp_p
     line = next(x for x in out.splitlines() if x.startswith('80 real images'))
     pooled = float(line.split('% (worst image), ')[1].split('%')[0])
     assert pooled >= 99.9, line
+
+
+def test_cli_names_the_missing_extras(tmp_path, monkeypatch):
+    monkeypatch.setattr(tool, '_missing', lambda module: module == 'onnxruntime')
+    with pytest.raises(SystemExit, match=r'onnxruntime not installed.*requirements/deploy\.txt'):
+        tool.main([CLS_CONFIG, str(tmp_path / 'c.pth'), '-o', str(tmp_path / 'c.onnx'), '--verify'])
