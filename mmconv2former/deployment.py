@@ -13,9 +13,10 @@ channel flip, mean/std normalisation and padding are inside the graph):
   per-level outputs (``cls_score_0..``, ``bbox_pred_0..``, ...). Anchors, box
   decoding and NMS stay outside the graph.
 * any of them with ``features=True``: backbone (+ neck) feature maps
-  ``feat_0..``; the only choice for two-stage detectors, whose RoI heads need
-  mmcv's RoIAlign and NMS between stages (custom ops no standard ONNX runtime
-  has).
+  ``feat_0..``; the only choice for two-stage detectors, whose path from the
+  RPN to the RoI heads (proposal decoding, NMS, RoI cropping) is per-image
+  Python with branches on data-dependent box counts, which tracing would
+  freeze.
 
 The graph calls the model through its public API only (``extract_feat``,
 ``forward(mode='tensor')``, ``encode_decode``), so what runs is exactly the
@@ -286,8 +287,10 @@ def _detector_spec(model: nn.Module, graph_model: nn.Module, preprocess: Preproc
     if isinstance(model, TwoStageDetector):
         raise ExportError(
             f'{name} is a two-stage detector: only its backbone + neck can be exported. Between '
-            'the RPN and the RoI heads it runs NMS on the proposals and mmcv\'s RoIAlign '
-            '(custom ops that onnxruntime does not have, and data-dependent box counts). '
+            'the RPN and the RoI heads, mmdet decodes proposals, runs NMS and crops RoIs per '
+            'image in Python, with branches on how many boxes are left (InstanceData, '
+            '`if rois.shape[0] == 0`): tracing would freeze the example image\'s box counts and '
+            'branches into the graph (mmdeploy rewrites those functions for export). '
             'Pass --features to export backbone + neck feature maps and run the RPN and RoI '
             'heads in PyTorch, or use a single-stage detector (RetinaNet, FCOS: '
             'configs/retinanet/) for a graph up to the raw class scores and box regressions.')
