@@ -214,33 +214,42 @@ def test_recomputation_stores_less_and_keeps_with_cp_least():
     assert peaks['with_cp'] < peaks['recompute'], peaks
 
 
-def test_recompute_is_for_training_only():
-    """Eval mode, or autograd off, runs the blocks plainly (nothing to store)."""
-    model = Conv2Former(TINY).eval()
+def count_checkpoint_calls(monkeypatch) -> list:
     calls = []
     orig = torch.utils.checkpoint.checkpoint
-    try:
-        torch.utils.checkpoint.checkpoint = lambda *a, **k: calls.append(1) or orig(*a, **k)
-        model(torch.randn(1, 3, 64, 64))
-        with torch.no_grad():
-            model.train()(torch.randn(2, 3, 64, 64))
-        assert not calls
+    monkeypatch.setattr(torch.utils.checkpoint, 'checkpoint',
+                        lambda *a, **k: calls.append(k.get('context_fn')) or orig(*a, **k))
+    return calls
+
+
+def test_recompute_is_for_training_only(monkeypatch):
+    """Eval mode, or autograd off, runs the blocks plainly (nothing to store)."""
+    calls = count_checkpoint_calls(monkeypatch)
+    model = Conv2Former(TINY).eval()
+    model(torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
         model.train()(torch.randn(2, 3, 64, 64))
-        assert len(calls) == sum(TINY['depths'])
-    finally:
-        torch.utils.checkpoint.checkpoint = orig
+    assert not calls
+    model.train()(torch.randn(2, 3, 64, 64))
+    assert len(calls) == sum(TINY['depths']) and all(c is not None for c in calls)
 
 
 def test_without_selective_checkpointing_recompute_falls_back_to_plain(monkeypatch):
-    """On a torch without ``create_selective_checkpoint_contexts`` (< 2.4)."""
+    """On a torch without ``create_selective_checkpoint_contexts`` (< 2.4) the
+    blocks run plainly (no checkpointing at all) and train as before."""
     from mmconv2former.models import conv2former
     monkeypatch.delattr(torch.utils.checkpoint, 'create_selective_checkpoint_contexts')
     conv2former._selective_context.cache_clear()
+    calls = count_checkpoint_calls(monkeypatch)
     try:
         plain, other = train_pair()
         x = torch.randn(2, 3, 64, 64)
-        for a, b in zip(plain(x), other(x)):
+        outs = [plain(x), other(x)]
+        for a, b in zip(*outs):
             torch.testing.assert_close(a, b)
+        assert not calls
+        sum(o.mean() for o in outs[1]).backward()
+        assert all(p.grad is not None for p in other.parameters())
     finally:
         monkeypatch.undo()
         conv2former._selective_context.cache_clear()

@@ -113,3 +113,14 @@ def test_deploy_works_with_a_trained_batchnorm_and_out_norms():
         for a, b in zip(model(x), expected):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
+
+
+def test_deploy_hook_switches_after_loading_and_names_a_missing_backbone():
+    from types import SimpleNamespace
+    from mmconv2former.engine import SwitchToDeployHook
+    detector = nn.Module()
+    detector.backbone = Conv2Former(TINY).eval()
+    SwitchToDeployHook().before_test(SimpleNamespace(model=detector))
+    assert detector.backbone.deployed
+    with pytest.raises(RuntimeError, match='no Conv2Former'):
+        SwitchToDeployHook().before_test(SimpleNamespace(model=nn.Linear(2, 2)))

@@ -234,7 +234,7 @@ def _data_options(root):
     return [f'{split}_dataloader.dataset.data_root={root}' for split in ('train', 'val', 'test')]
 
 
-def test_train_test_tta_and_inferencer_end_to_end(tiny_ade, tmp_path):
+def test_train_test_tta_and_inferencer_end_to_end(tiny_ade, tmp_path, monkeypatch):
     import tools.test as test_tool
     import tools.train as train_tool
     work_dir = str(tmp_path / 'work')
@@ -256,8 +256,14 @@ def test_train_test_tta_and_inferencer_end_to_end(tiny_ade, tmp_path):
     assert len(drawn) == 4, drawn
 
     # the fast inference form (switch_to_deploy after loading) scores the same
+    from mmconv2former.engine import SwitchToDeployHook
+    switched = []
+    before_test = SwitchToDeployHook.before_test
+    monkeypatch.setattr(SwitchToDeployHook, 'before_test',
+                        lambda hook, runner: (before_test(hook, runner), switched.append(runner.model))[0])
     deployed = test_tool.main([DEMO_CONFIG, checkpoint, '--deploy', '--work-dir', str(tmp_path / 'deploy'),
                                *options])
+    assert len(switched) == 1 and switched[0].backbone.deployed
     assert abs(deployed['mIoU'] - metrics['mIoU']) <= 0.1, (deployed, metrics)
 
     # multi-scale + flip through mmseg's SegTTAModel and the config's tta_pipeline

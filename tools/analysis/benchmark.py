@@ -100,14 +100,23 @@ class _Stages(nn.Module):
         return tuple(getattr(self.model, self.method)(x))
 
 
+def apply_variant(model: nn.Module, name: str) -> nn.Module:
+    """Every Conv2Former in ``model`` as the ``deploy`` or ``store-all``
+    variant (``recompute=False``); other names leave it as built."""
+    for module in model.modules():
+        if isinstance(module, Conv2Former):
+            module.recompute = name != 'store-all'
+            if name == 'deploy':
+                module.switch_to_deploy()
+    return model
+
+
 def build_backbone(name: str, arch: str, with_cp: bool = False) -> nn.Module:
     """``conv2former``, ``deploy``, ``store-all``, ``convnext`` (mmpretrain,
     matching size) or ``reference``."""
     settings = Conv2Former.parse_arch(arch)
     if name in ('conv2former', 'deploy', 'store-all'):
-        model = Conv2Former(arch, out_indices=(0, 1, 2, 3), with_cp=with_cp,
-                            recompute=name != 'store-all')
-        return _Stages(model.switch_to_deploy() if name == 'deploy' else model)
+        return _Stages(apply_variant(Conv2Former(arch, out_indices=(0, 1, 2, 3), with_cp=with_cp), name))
     if name == 'reference':
         return _Stages(ReferenceConv2Former(settings['channels'], settings['depths'],
                                             settings['kernel_size'], settings['mlp_ratio']),
@@ -242,14 +251,7 @@ def config_cases(args, size, batch: int) -> List[Case]:
         torch.manual_seed(0)
         with DefaultScope.overwrite_default_scope(library):
             # Built but not initialised: no checkpoint is read; speed does not depend on values.
-            model = revert_sync_batchnorm(registry.build(model_cfg))
-            if key in ('deploy', 'store-all'):
-                for module in model.modules():
-                    if isinstance(module, Conv2Former):
-                        module.recompute = key != 'store-all'
-                        if key == 'deploy':
-                            module.switch_to_deploy()
-            model = prepare(model, args)
+            model = prepare(apply_variant(revert_sync_batchnorm(registry.build(model_cfg)), key), args)
             data = demo_batch(library, model, batch, h, w, args.mode == 'train')
         inputs, samples = data['inputs'].to(args.device), data['data_samples']
         if args.channels_last:
