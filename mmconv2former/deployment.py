@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .engine.runtime import innermost_dataset
+
 # Side of the blank image run once to count a model's outputs: big enough that
 # an FPN's extra levels (stride 64, 128) are 2x2, which GroupNorm heads need.
 PROBE_SIZE = 256
@@ -496,19 +498,13 @@ def export_onnx(spec: ExportSpec, path: str, shape: Tuple[int, int] = (224, 224)
 
 
 # ----------------------------------------------------------------------------- verification
-def _innermost(dataset_cfg):
-    while isinstance(dataset_cfg, dict) and 'dataset' in dataset_cfg:
-        dataset_cfg = dataset_cfg['dataset']
-    return dataset_cfg
-
-
 def test_pipeline(cfg) -> Optional[list]:
     """The config's test pipeline up to the packing, without annotation
     loading (what is left turns a file into the image the model sees), or None."""
     loader = cfg.get('test_dataloader') or cfg.get('val_dataloader')
     pipeline = None
     if loader is not None:
-        pipeline = _innermost(loader.get('dataset', {})).get('pipeline')
+        pipeline = innermost_dataset(loader.get('dataset', {})).get('pipeline')
     pipeline = pipeline or cfg.get('test_pipeline')
     if not pipeline:
         return None
@@ -519,7 +515,7 @@ def test_pipeline(cfg) -> Optional[list]:
 def config_images(cfg, limit: int = 4) -> List[str]:
     """Up to ``limit`` images of the config's test set, if they are on disk."""
     loader = cfg.get('test_dataloader') or cfg.get('val_dataloader') or {}
-    ds = _innermost(loader.get('dataset', {})) or {}
+    ds = innermost_dataset(loader.get('dataset', {})) or {}
     prefix = ds.get('data_prefix') or ''
     if isinstance(prefix, dict):
         prefix = prefix.get('img_path', prefix.get('img', ''))

@@ -91,8 +91,8 @@ def _library(cfg: Config) -> str:
 
 
 def _registry(library: str):
-    __import__(f'{library}.models')  # registers the library's modules
-    return __import__(f'{library}.registry', fromlist=['MODELS']).MODELS
+    from .engine.runtime import library_models
+    return library_models(library)
 
 
 def probe_backbone(backbone_cfg: dict, library: str, src: str = 'the config',

@@ -16,7 +16,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 
 from mmengine.config import ConfigDict, DictAction  # noqa: E402
 
-from mmconv2former.engine.runtime import build_runner, load_config  # noqa: E402
+from mmconv2former.engine.runtime import build_runner, innermost_dataset, load_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,19 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _innermost_dataset(dataset_cfg):
-    while 'dataset' in dataset_cfg:
-        dataset_cfg = dataset_cfg['dataset']
-    return dataset_cfg
-
-
 def apply_tta(cfg, library: str) -> None:
     """Wrap the model in the library's TTA model and swap the test pipeline."""
     if library == 'mmdet' and 'tta_model' not in cfg:
         cfg.tta_model = dict(type='DetTTAModel',
                              tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
     if library == 'mmdet' and 'tta_pipeline' not in cfg:
-        pipeline = deepcopy(_innermost_dataset(cfg.test_dataloader.dataset).pipeline)
+        pipeline = deepcopy(innermost_dataset(cfg.test_dataloader.dataset).pipeline)
         pipeline[-1] = dict(type='TestTimeAug', transforms=[
             [dict(type='RandomFlip', prob=1.0), dict(type='RandomFlip', prob=0.0)],
             [dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
@@ -61,7 +55,7 @@ def apply_tta(cfg, library: str) -> None:
         raise SystemExit(f'--tta needs `tta_model` and `tta_pipeline` in the config ({library}); '
                          'the segmentation configs inherit them from mmseg\'s dataset bases')
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
-    _innermost_dataset(cfg.test_dataloader.dataset).pipeline = cfg.tta_pipeline
+    innermost_dataset(cfg.test_dataloader.dataset).pipeline = cfg.tta_pipeline
 
 
 def enable_drawing(cfg, library: str, show_dir: str) -> None:

@@ -39,6 +39,20 @@ def detect_library(cfg: Config) -> str:
     return scope
 
 
+def library_models(library: str):
+    """The ``MODELS`` registry of ``library`` (``'mmdet'``, ...), with the
+    library's modules registered (importing ``<library>.models`` does that)."""
+    __import__(f'{library}.models')
+    return __import__(f'{library}.registry', fromlist=['MODELS']).MODELS
+
+
+def innermost_dataset(dataset_cfg):
+    """The dataset inside wrappers (``RepeatDataset``, ``ClassBalancedDataset``...)."""
+    while isinstance(dataset_cfg, dict) and 'dataset' in dataset_cfg:
+        dataset_cfg = dataset_cfg['dataset']
+    return dataset_cfg
+
+
 # ----------------------------------------------------------------------------- device
 def _replace_types(node: Any, old: str, new: str, path: str, changed: List[str]) -> Any:
     if isinstance(node, dict):

@@ -222,14 +222,13 @@ def config_cases(args, size, batch: int) -> List[Case]:
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import DefaultScope
 
-    from mmconv2former.engine.runtime import detect_library
+    from mmconv2former.engine.runtime import detect_library, library_models
 
     cfg = Config.fromfile(args.config)
     library = detect_library(cfg)
-    __import__(f'{library}.models')
     if 'convnext' in args.peers:
         import mmpretrain.models  # noqa: F401  (ConvNeXt for the peer)
-    registry = __import__(f'{library}.registry', fromlist=['MODELS']).MODELS
+    registry = library_models(library)
     h, w = size
     cases = []
     variants = [('conv2former', osp.basename(args.config), cfg.model)]

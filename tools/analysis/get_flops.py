@@ -108,14 +108,13 @@ def config_complexity(path: str, shape: Tuple[int, int], cfg_options: Optional[d
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import DefaultScope
 
-    from mmconv2former.engine.runtime import detect_library
+    from mmconv2former.engine.runtime import detect_library, library_models
 
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     library = detect_library(cfg)
-    __import__(f'{library}.models')  # registers the library's modules
-    registry = __import__(f'{library}.registry', fromlist=['MODELS']).MODELS
+    registry = library_models(library)
     h, w = shape
     meta = dict(ori_shape=(h, w), img_shape=(h, w), pad_shape=(h, w), scale_factor=(1.0, 1.0))
     with DefaultScope.overwrite_default_scope(library):
