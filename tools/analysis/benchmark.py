@@ -61,6 +61,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from mmconv2former.models import Conv2Former  # noqa: E402
 from mmconv2former.models.reference import ReferenceConv2Former  # noqa: E402
+from mmconv2former.models.layers import ConvNHWC  # noqa: E402
 
 # Conv2Former variant -> mmpretrain ConvNeXt of matching size and cost
 # (N, 15M parameters, ~2.2 GMACs, pairs with ConvNeXt-nano, 15.6M / 2.45G).
@@ -73,7 +74,8 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # the cost per pixel from 224 to 1024 (issue 6).
 TARGETS = dict(train_speed=1.0, train_memory=1.0, deploy_speed=0.88, per_pixel_1024_vs_224=1.15)
 LABELS = {'conv2former': 'Conv2Former-{arch}', 'deploy': 'Conv2Former-{arch} deploy',
-          'store-all': 'Conv2Former-{arch} store-all', 'reference': 'release-style reference',
+          'store-all': 'Conv2Former-{arch} store-all',
+          'native-off': 'Conv2Former-{arch} native-off', 'reference': 'release-style reference',
           'convnext': 'ConvNeXt-{peer} (mmpretrain)'}
 
 
@@ -101,21 +103,24 @@ class _Stages(nn.Module):
 
 
 def apply_variant(model: nn.Module, name: str) -> nn.Module:
-    """Every Conv2Former in ``model`` as the ``deploy`` or ``store-all``
-    variant (``recompute=False``); other names leave it as built."""
+    """Every Conv2Former in ``model`` as the ``deploy``, ``store-all``
+    (``recompute=False``) or ``native-off`` (PyTorch's depthwise weight
+    gradient) variant; other names leave it as built."""
     for module in model.modules():
         if isinstance(module, Conv2Former):
             module.recompute = name != 'store-all'
             if name == 'deploy':
                 module.switch_to_deploy()
+        if isinstance(module, ConvNHWC) and name == 'native-off':
+            module.native_weight_grad = False
     return model
 
 
 def build_backbone(name: str, arch: str, with_cp: bool = False) -> nn.Module:
-    """``conv2former``, ``deploy``, ``store-all``, ``convnext`` (mmpretrain,
+    """``conv2former``, ``deploy``, ``store-all``, ``native-off``, ``convnext`` (mmpretrain,
     matching size) or ``reference``."""
     settings = Conv2Former.parse_arch(arch)
-    if name in ('conv2former', 'deploy', 'store-all'):
+    if name in ('conv2former', 'deploy', 'store-all', 'native-off'):
         return _Stages(apply_variant(Conv2Former(arch, out_indices=(0, 1, 2, 3), with_cp=with_cp), name))
     if name == 'reference':
         return _Stages(ReferenceConv2Former(settings['channels'], settings['depths'],
@@ -232,7 +237,7 @@ def config_cases(args, size, batch: int) -> List[Case]:
     h, w = size
     cases = []
     variants = [('conv2former', osp.basename(args.config), cfg.model)]
-    for peer in ('deploy', 'store-all'):
+    for peer in ('deploy', 'store-all', 'native-off'):
         if peer in args.peers:
             variants.append((peer, f'{osp.basename(args.config)} {peer}', cfg.model))
     if args.peer_config:
@@ -564,7 +569,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--peers', default='convnext',
                         help='comma-separated peers: convnext, reference, deploy (inference: the '
                              'switch_to_deploy() form), store-all (training: recompute=False), '
-                             'or none (default convnext)')
+                             "native-off (training: PyTorch's depthwise weight gradient instead of "
+                             'the native kernel), or none (default convnext)')
     parser.add_argument('--peer-config',
                         help='with a config: time this config\'s model as the ConvNeXt peer (e.g. '
                              'mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py)')
@@ -591,16 +597,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     args.peers = [] if args.peers in ('', 'none') else [p.strip() for p in args.peers.split(',')]
-    unknown = set(args.peers) - {'convnext', 'reference', 'deploy', 'store-all'}
+    unknown = set(args.peers) - {'convnext', 'reference', 'deploy', 'store-all', 'native-off'}
     if unknown:
         parser.error(f'unknown peers {sorted(unknown)}; choose from convnext, reference, deploy, '
-                     'store-all, none')
+                     'store-all, native-off, none')
     if args.config and 'reference' in args.peers:
         args.peers.remove('reference')  # the reference is a bare backbone
     if 'deploy' in args.peers and (args.mode == 'train' or args.cp_memory):
         parser.error('the deploy form is for inference only (it refuses training)')
-    if 'store-all' in args.peers and args.mode != 'train':
-        parser.error('store-all differs from the default only in training (--mode train)')
+    for peer in ('store-all', 'native-off'):
+        if peer in args.peers and args.mode != 'train':
+            parser.error(f'{peer} differs from the default only in training (--mode train)')
     if args.peer_config and not args.config:
         parser.error('--peer-config needs a config to compare with')
     if args.clock == 'cpu' and args.device != 'cpu':

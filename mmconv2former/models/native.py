@@ -1,0 +1,193 @@
+"""The one native kernel of the package: the depthwise weight gradient on CPU.
+
+Training a Conv2Former on CPU spent more time in oneDNN's depthwise
+*weight-gradient* than in any other single operation: 4-35x the time of the
+same convolution's forward pass for the 11x11 kernels (35x on stage 4's 7x7
+maps), where a direct per-channel correlation costs about what the forward
+does. ``csrc/depthwise_wgrad.cpp`` computes that gradient (and the bias
+gradient) directly; the forward pass and the input gradient stay with PyTorch
+(oneDNN), which is fast at both. See ``docs/performance.md`` for the measured
+shares and ``tools/analysis/benchmark.py --peers native-off`` for the effect
+on a training step.
+
+The kernel is plain C++ with no PyTorch headers: it is compiled at first use
+with the system's C++ compiler (about 3 s) into a cache keyed by the source,
+the compiler and the CPU, and called through :mod:`ctypes` on the tensors'
+memory. Where it cannot be used -- no compiler, ``MMCONV2FORMER_NATIVE=0``,
+not CPU fp32, autocast, tracing or compiling (FLOP counters, ONNX and
+``torch.compile`` see the standard convolution), an unsupported kernel size
+or channel count, or no gradient needed -- :func:`depthwise_conv_nhwc` is
+exactly ``F.conv2d``.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import os.path as osp
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from mmengine.logging import print_log
+from torch.autograd.function import once_differentiable
+
+SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'depthwise_wgrad.cpp')
+FLAGS = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-pthread']
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    info = platform.machine()
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            for line in f:
+                if line.startswith(('model name', 'flags', 'Features')):
+                    info += line
+                if line.strip() == '':
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def _cache_dir() -> str:
+    base = os.environ.get('MMCONV2FORMER_CACHE') or osp.join(
+        os.environ.get('XDG_CACHE_HOME') or osp.expanduser('~/.cache'), 'mmconv2former')
+    return osp.join(base, 'kernels')
+
+
+def _build(compiler: str) -> str:
+    with open(SOURCE, 'rb') as f:
+        source = f.read()
+    version = subprocess.run([compiler, '--version'], capture_output=True, text=True,
+                             check=True).stdout
+    key = hashlib.sha256(source + version.encode() + ' '.join(FLAGS).encode()
+                         + _cpu_id().encode()).hexdigest()[:16]
+    target = osp.join(_cache_dir(), f'depthwise_wgrad_{key}.so')
+    if osp.exists(target):
+        return target
+    os.makedirs(osp.dirname(target), exist_ok=True)
+    # Build beside the target, then rename: processes of one DDP job may race
+    # here, and each sees either no file or a complete one.
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=osp.dirname(target))
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, SOURCE, '-o', tmp],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f'{compiler} failed: {result.stderr.strip()[-800:]}')
+        os.replace(tmp, target)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def native_library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel, or None (with one logged reason) where it is unavailable."""
+    if os.environ.get('MMCONV2FORMER_NATIVE', '1') == '0':
+        return None
+    if platform.machine() not in ('x86_64', 'AMD64', 'aarch64', 'arm64'):
+        return None
+    compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+    if compiler is None:
+        print_log('Conv2Former: no C++ compiler found; depthwise weight gradients use '
+                  "PyTorch's kernel (slower CPU training). Install g++ to enable the "
+                  'native kernel.', logger='current', level=30)
+        return None
+    try:
+        lib = ctypes.CDLL(_build(compiler))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        print_log(f'Conv2Former: could not build the native depthwise kernel ({err}); '
+                  "using PyTorch's kernel instead", logger='current', level=30)
+        return None
+    lib.mmc2f_dw_supported.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.mmc2f_dw_weight_grad.argtypes = [ctypes.c_void_p] * 4 + [
+        ctypes.c_long] + [ctypes.c_int] * 5
+    return lib
+
+
+def _tracing() -> bool:
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, 'compiler', None)
+    return bool(compiler is not None and (
+        getattr(compiler, 'is_compiling', lambda: False)()
+        or getattr(compiler, 'is_exporting', lambda: False)()))
+
+
+def native_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`depthwise_conv_nhwc` uses the native weight gradient for
+    these arguments (the caller has checked stride 1, same padding, depthwise)."""
+    if not torch.is_grad_enabled() or not weight.requires_grad or _tracing():
+        return False
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled('cpu'):
+        return False
+    lib = native_library()
+    return lib is not None and bool(lib.mmc2f_dw_supported(weight.shape[-1], weight.shape[0]))
+
+
+class _DepthwiseConvNHWC(torch.autograd.Function):
+    """``F.conv2d`` on a channels-last view, with the native weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        pad = weight.shape[-1] // 2
+        out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=pad, groups=weight.shape[0])
+        return out.permute(0, 2, 3, 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        channels, _, k, _ = weight.shape
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # The input gradient is a convolution with the flipped kernel:
+            # oneDNN does it as fast as the forward pass.
+            grad_x = torch.ops.aten.convolution_backward(
+                grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, None, [1, 1],
+                [k // 2, k // 2], [1, 1], False, [0, 0], channels,
+                [True, False, False])[0].permute(0, 2, 3, 1)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            x = x.contiguous()
+            n, h, w, _ = x.shape
+            grad_wt = x.new_zeros(k, k, channels)
+            grad_bias = x.new_zeros(channels)
+            status = native_library().mmc2f_dw_weight_grad(
+                x.data_ptr(), grad.data_ptr(), grad_wt.data_ptr(), grad_bias.data_ptr(),
+                n, h, w, channels, k, torch.get_num_threads())
+            if status != 0:
+                raise RuntimeError(f'native depthwise weight gradient rejected shape {tuple(x.shape)}, '
+                                   f'kernel {k}; set MMCONV2FORMER_NATIVE=0 and report it')
+            grad_w = grad_wt.permute(2, 0, 1).reshape_as(weight) if ctx.needs_input_grad[1] else None
+            grad_b = grad_bias if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def depthwise_conv_nhwc(x: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Stride-1, same-padded depthwise convolution of a ``(B, H, W, C)`` tensor.
+
+    The same numbers as ``F.conv2d`` (weight gradients to float rounding), and
+    the same autograd graph wherever :func:`native_applies` is false.
+    """
+    if native_applies(x, weight):
+        return _DepthwiseConvNHWC.apply(x, weight, bias)
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=weight.shape[-1] // 2,
+                   groups=weight.shape[0])
+    return out.permute(0, 2, 3, 1)
+
+
+__all__ = ['depthwise_conv_nhwc', 'native_applies', 'native_library']

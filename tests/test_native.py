@@ -1,0 +1,145 @@
+"""The native depthwise weight gradient (models/native.py): the same gradients
+as PyTorch's convolution, used only where it applies, and a clean fallback."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmconv2former import Conv2Former
+from mmconv2former.models import native
+from mmconv2former.models.layers import ConvNHWC
+from test_block import relative_error
+from test_conv2former import TINY
+
+needs_kernel = pytest.mark.skipif(native.native_library() is None,
+                                  reason='no C++ compiler: the native kernel cannot be built')
+
+
+def reference_grads(x, weight, bias, grad_out):
+    """Gradients from PyTorch's own convolution (oneDNN on CPU)."""
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    bias = bias.detach().requires_grad_() if bias is not None else None
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=weight.shape[-1] // 2,
+                   groups=weight.shape[0]).permute(0, 2, 3, 1)
+    out.backward(grad_out)
+    return out, x.grad, weight.grad, bias.grad if bias is not None else None
+
+
+def count_native_calls(monkeypatch) -> list:
+    calls = []
+    orig = native._DepthwiseConvNHWC.apply
+    monkeypatch.setattr(native._DepthwiseConvNHWC, 'apply',
+                        lambda *a: calls.append(a[1].shape) or orig(*a))
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape,kernel', [
+    ((2, 9, 13, 16), 3), ((1, 7, 7, 24), 11), ((3, 12, 10, 8), 7), ((2, 5, 6, 40), 13),
+    ((2, 16, 16, 72), 11), ((1, 3, 20, 8), 5)], ids=str)
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_native_weight_gradient_equals_pytorch(shape, kernel, threads, with_bias):
+    """Every kernel size the release uses (3, 7, 11) and others, maps smaller
+    than the kernel, non-square maps, and more threads than rows of some images."""
+    torch.manual_seed(0)
+    n, h, w, c = shape
+    x = torch.randn(shape)
+    weight = torch.randn(c, 1, kernel, kernel)
+    bias = torch.randn(c) if with_bias else None
+    grad_out = torch.randn(shape)
+    ref_out, ref_gx, ref_gw, ref_gb = reference_grads(x, weight, bias, grad_out)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        bs = bias.clone().requires_grad_() if with_bias else None
+        assert native.native_applies(xs, ws)
+        out = native.depthwise_conv_nhwc(xs, ws, bs)
+        out.backward(grad_out)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(out, ref_out)  # the forward pass is PyTorch's own
+    assert relative_error(xs.grad, ref_gx) <= 1e-6
+    assert relative_error(ws.grad, ref_gw) <= 1e-5
+    if with_bias:
+        assert relative_error(bs.grad, ref_gb) <= 1e-5
+
+
+@needs_kernel
+def test_training_uses_the_native_kernel_and_inference_does_not(monkeypatch):
+    """Every depthwise conv of every block, in training; none without grad,
+    when tracing, under autocast, or in float64. (Only the backward pass
+    differs: the forward is ``F.conv2d`` in every case.)"""
+    calls = count_native_calls(monkeypatch)
+    model = Conv2Former(TINY).train()
+    x = torch.randn(2, 3, 64, 64)
+    sum(o.mean() for o in model(x)).backward()
+    blocks = sum(TINY['depths'])
+    # two per block (att.2, pos); recomputation replays att.2's saved output
+    assert len([s for s in calls if s[-1] == TINY['kernel_size']]) >= blocks
+    assert len([s for s in calls if s[-1] == 3]) >= blocks
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+        model.eval()(x)
+    torch.jit.trace(model, x, check_trace=False)
+    model.train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(x)
+    model.double()(x.double())
+    assert calls == []
+
+
+def test_unsupported_shapes_and_switch_off_use_pytorch(monkeypatch):
+    """Channel counts that are not a multiple of 8, and modules whose
+    ``native_weight_grad`` is off, run ``F.conv2d`` itself."""
+    calls = count_native_calls(monkeypatch)
+    conv = ConvNHWC(12, 12, 5, padding=2, groups=12)
+    assert conv.native_weight_grad
+    conv(torch.randn(1, 6, 6, 12)).sum().backward()
+    conv = ConvNHWC(16, 16, 5, padding=2, groups=16)
+    conv.native_weight_grad = False
+    conv(torch.randn(1, 6, 6, 16)).sum().backward()
+    assert calls == []
+    # strided, dilated, dense and padding-changing convs are never candidates
+    for kwargs in (dict(stride=2, padding=2), dict(padding=4, dilation=2), dict(padding=0)):
+        assert not ConvNHWC(16, 16, 5, groups=16, **kwargs).native_weight_grad
+    assert not ConvNHWC(16, 16, 3, padding=1).native_weight_grad
+
+
+def test_without_a_compiler_training_falls_back_with_a_note(tmp_path):
+    """A failing compiler (or MMCONV2FORMER_NATIVE=0) leaves PyTorch's kernel
+    in place: a logged note, the same gradients, no error."""
+    script = (
+        'import torch\n'
+        'from mmconv2former import Conv2Former\n'
+        'from mmconv2former.models import native\n'
+        'assert native.native_library() is None\n'
+        'm = Conv2Former(dict(channels=[16, 32, 48, 64], depths=[1, 1, 1, 1], kernel_size=5)).train()\n'
+        'sum(o.mean() for o in m(torch.randn(1, 3, 64, 64))).backward()\n'
+        'assert all(p.grad is not None for p in m.parameters())\n')
+    for env in ({'CXX': 'false', 'MMCONV2FORMER_CACHE': str(tmp_path)}, {'MMCONV2FORMER_NATIVE': '0'}):
+        result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                                env={**__import__('os').environ, **env}, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        if 'CXX' in env:
+            assert 'could not build the native depthwise kernel' in result.stdout + result.stderr
+    assert not list(tmp_path.rglob('*.so'))  # nothing half-built left behind
+
+
+@needs_kernel
+def test_weights_changed_in_place_are_used_by_the_next_gradient():
+    """No state kept between calls: a ``.data`` write changes the next
+    input gradient exactly as it does PyTorch's."""
+    conv = ConvNHWC(16, 16, 7, padding=3, groups=16)
+    x = torch.randn(1, 9, 9, 16, requires_grad=True)
+    conv(x).sum().backward()
+    conv.weight.data.mul_(-2)
+    x.grad = None
+    conv(x).sum().backward()
+    _, ref_gx, _, _ = reference_grads(x, conv.weight, conv.bias, torch.ones(1, 9, 9, 16))
+    assert relative_error(x.grad, ref_gx) <= 1e-6
