@@ -119,12 +119,16 @@ def test_logits_equal_release_model(release_checkpoint, tmp_path, use_ema):
     assert (ours - other).abs().max() > 1e-2  # the right set of weights was picked
 
     if not use_ema:  # the ImageNet config's own pipeline (resize 256, crop 224) and class names
+        from mmengine.registry import DefaultScope
         from mmpretrain.apis import ImageClassificationInferencer
         from mmpretrain.datasets import ImageNet
         image = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
-        inferencer = ImageClassificationInferencer(osp.join(CONFIGS, VARIANT_CONFIGS['n']),
-                                                   pretrained=dst, device='cpu')
-        (result, ) = inferencer(image)
+        # The inferencer builds its pipeline in the *current* scope: pin
+        # mmpretrain's, whatever an earlier mmseg/mmdet run left behind.
+        with DefaultScope.overwrite_default_scope('mmpretrain'):
+            inferencer = ImageClassificationInferencer(osp.join(CONFIGS, VARIANT_CONFIGS['n']),
+                                                       pretrained=dst, device='cpu')
+            (result, ) = inferencer(image)
         assert result['pred_scores'].shape == (1000, )
         assert result['pred_class'] == ImageNet.METAINFO['classes'][result['pred_label']]
 

@@ -143,3 +143,20 @@ def test_weights_changed_in_place_are_used_by_the_next_gradient():
     conv(x).sum().backward()
     _, ref_gx, _, _ = reference_grads(x, conv.weight, conv.bias, torch.ones(1, 9, 9, 16))
     assert relative_error(x.grad, ref_gx) <= 1e-6
+
+
+@needs_kernel
+def test_benchmark_probe_and_native_off_peer(monkeypatch):
+    """``benchmark.py --wgrad-probe`` times both kernels at every stage; the
+    ``native-off`` peer trains without the native kernel."""
+    from test_block import load_benchmark
+    benchmark = load_benchmark()
+    result = benchmark.main(['--arch', 'n', '--batch', '1', '--input-size', '64', '--wgrad-probe',
+                             '--repeats', '1', '--warmup', '0', '--iters', '1'])
+    names = [r['name'] for r in result['wgrad_probe']]
+    assert len(names) == 4 * 2 * 2 and all(r['ms'] > 0 for r in result['wgrad_probe'])
+    assert 'stage 4 dw7x7 C=512 native' in names and 'stage 1 dw3x3 C=256 PyTorch' in names
+    calls = count_native_calls(monkeypatch)
+    model = benchmark.apply_variant(Conv2Former(TINY), 'native-off').train()
+    sum(o.mean() for o in model(torch.randn(1, 3, 64, 64))).backward()
+    assert calls == []

@@ -16,7 +16,9 @@
 #      never mistaken for this one (pip's own cache keys by sdist only);
 #   3. installs mmengine, mmdet, mmsegmentation, mmpretrain and the test tools
 #      from requirements/, then this package in editable mode;
-#   4. runs a self-check (imports, an mmcv RoIAlign op) and says what failed.
+#   4. runs a self-check (imports, an mmcv RoIAlign op, this checkout being the
+#      installed mmconv2former), builds the native CPU training kernel, and
+#      says what failed.
 # A second run finds everything in place and takes seconds.
 set -euo pipefail
 
@@ -36,11 +38,12 @@ die() { printf '[setup_env] ERROR: %s\n' "$*" >&2; exit 1; }
 # ---------------------------------------------------------------- 0. already done?
 # A stamp records the requirement files, this script, the checkout and the
 # Python it was set up for; when nothing changed and the stack still imports
-# (compiled mmcv ops included), stop here.
+# (compiled mmcv ops included), stop here. Checks run from / so that they see
+# what is installed, not a package that happens to sit in the current directory.
 STAMP_DIR="$CACHE_DIR/stamps"
 STAMP_KEY="$( { cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "${BASH_SOURCE[0]}"; echo "$ROOT"; \
   "$PY" -c 'import sys; print(sys.prefix, sys.version)'; } | sha256sum | cut -c1-16)"
-if [ -f "$STAMP_DIR/$STAMP_KEY" ] && "$PY" - "$ROOT" <<'PYCHECK' 2>/dev/null
+if [ -f "$STAMP_DIR/$STAMP_KEY" ] && (cd / && "$PY" - "$ROOT") <<'PYCHECK' 2>/dev/null
 import os.path as osp, sys
 import mmconv2former, mmdet, mmseg, mmpretrain  # noqa: F401
 from mmcv.ops import roi_align  # noqa: F401  (loads the compiled ops)
@@ -132,8 +135,8 @@ fi
 "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT" || die "installing mmconv2former failed"
 
 # ---------------------------------------------------------------- 4. self-check
-"$PY" - <<'EOF' || die "self-check failed: see the message above"
-import importlib, sys
+(cd / && "$PY" - "$ROOT") <<'EOF' || die "self-check failed: see the message above"
+import importlib, os.path as osp, sys
 failed = []
 for name in ('torch', 'torchvision', 'mmengine', 'mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'mmconv2former'):
     try:
@@ -151,6 +154,17 @@ try:
     print('  mmcv.ops.roi_align ok')
 except Exception as exc:
     failed.append(f'mmcv compiled ops: {type(exc).__name__}: {exc}')
+try:
+    import mmconv2former
+    where = osp.dirname(osp.dirname(osp.abspath(mmconv2former.__file__)))
+    if where != sys.argv[1]:
+        failed.append(f'mmconv2former imports from {where}, not this checkout {sys.argv[1]}')
+    # Build the CPU training kernel now rather than at the first training step;
+    # without a compiler training still works, with PyTorch's slower kernel.
+    from mmconv2former.models.native import native_library
+    print('  native depthwise kernel', 'ok' if native_library() else 'unavailable (see the note above)')
+except Exception as exc:
+    failed.append(f'mmconv2former: {type(exc).__name__}: {exc}')
 if failed:
     print('\n'.join(failed), file=sys.stderr)
     sys.exit(1)

@@ -1,14 +1,13 @@
 """The one native kernel of the package: the depthwise weight gradient on CPU.
 
-Training a Conv2Former on CPU spent more time in oneDNN's depthwise
-*weight-gradient* than in any other single operation: 4-35x the time of the
-same convolution's forward pass for the 11x11 kernels (35x on stage 4's 7x7
-maps), where a direct per-channel correlation costs about what the forward
-does. ``csrc/depthwise_wgrad.cpp`` computes that gradient (and the bias
+After the matrix products, the largest cost of a Conv2Former training step on
+CPU was oneDNN's depthwise *weight gradient*: 4-35x the time of the same
+convolution's forward pass for the 11x11 kernels (35x on stage 4's 7x7 maps),
+where a direct per-channel correlation costs about what the forward does. ``csrc/depthwise_wgrad.cpp`` computes that gradient (and the bias
 gradient) directly; the forward pass and the input gradient stay with PyTorch
 (oneDNN), which is fast at both. See ``docs/performance.md`` for the measured
-shares and ``tools/analysis/benchmark.py --peers native-off`` for the effect
-on a training step.
+shares, ``tools/analysis/benchmark.py --wgrad-probe`` for the kernel per
+stage and ``--mode train --peers native-off`` for its effect on a training step.
 
 The kernel is plain C++ with no PyTorch headers: it is compiled at first use
 with the system's C++ compiler (about 3 s) into a cache keyed by the source,
@@ -28,7 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +133,24 @@ def native_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return lib is not None and bool(lib.mmc2f_dw_supported(weight.shape[-1], weight.shape[0]))
 
 
+def native_weight_grad(x: torch.Tensor, grad: torch.Tensor,
+                       kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``(C, 1, k, k)`` and bias ``(C,)`` gradients of the stride-1,
+    same-padded depthwise convolution of ``x`` (``(B, H, W, C)``, fp32, CPU)
+    whose output received ``grad``, by the native kernel."""
+    x, grad = x.contiguous(), grad.contiguous()
+    n, h, w, channels = x.shape
+    grad_wt = x.new_zeros(kernel_size, kernel_size, channels)
+    grad_b = x.new_zeros(channels)
+    status = native_library().mmc2f_dw_weight_grad(
+        x.data_ptr(), grad.data_ptr(), grad_wt.data_ptr(), grad_b.data_ptr(),
+        n, h, w, channels, kernel_size, torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f'native depthwise weight gradient rejected shape {tuple(x.shape)}, '
+                           f'kernel {kernel_size}; set MMCONV2FORMER_NATIVE=0 and report it')
+    return grad_wt.permute(2, 0, 1).reshape(channels, 1, kernel_size, kernel_size), grad_b
+
+
 class _DepthwiseConvNHWC(torch.autograd.Function):
     """``F.conv2d`` on a channels-last view, with the native weight gradient."""
 
@@ -161,18 +178,9 @@ class _DepthwiseConvNHWC(torch.autograd.Function):
                 [k // 2, k // 2], [1, 1], False, [0, 0], channels,
                 [True, False, False])[0].permute(0, 2, 3, 1)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            x = x.contiguous()
-            n, h, w, _ = x.shape
-            grad_wt = x.new_zeros(k, k, channels)
-            grad_bias = x.new_zeros(channels)
-            status = native_library().mmc2f_dw_weight_grad(
-                x.data_ptr(), grad.data_ptr(), grad_wt.data_ptr(), grad_bias.data_ptr(),
-                n, h, w, channels, k, torch.get_num_threads())
-            if status != 0:
-                raise RuntimeError(f'native depthwise weight gradient rejected shape {tuple(x.shape)}, '
-                                   f'kernel {k}; set MMCONV2FORMER_NATIVE=0 and report it')
-            grad_w = grad_wt.permute(2, 0, 1).reshape_as(weight) if ctx.needs_input_grad[1] else None
-            grad_b = grad_bias if ctx.has_bias and ctx.needs_input_grad[2] else None
+            grad_w, grad_b = native_weight_grad(x, grad, k)
+            grad_w = grad_w if ctx.needs_input_grad[1] else None
+            grad_b = grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
@@ -190,4 +198,4 @@ def depthwise_conv_nhwc(x: torch.Tensor, weight: torch.Tensor,
     return out.permute(0, 2, 3, 1)
 
 
-__all__ = ['depthwise_conv_nhwc', 'native_applies', 'native_library']
+__all__ = ['depthwise_conv_nhwc', 'native_applies', 'native_library', 'native_weight_grad']

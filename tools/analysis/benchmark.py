@@ -451,6 +451,33 @@ def layout_probe(args, size) -> List[dict]:
     return rows
 
 
+def wgrad_probe(args, size) -> List[dict]:
+    """Time each stage's depthwise weight gradients: the native kernel
+    (``mmconv2former.models.native``) vs PyTorch's (oneDNN on CPU)."""
+    from mmconv2former.models.native import native_library, native_weight_grad
+    if args.device != 'cpu' or native_library() is None:
+        raise SystemExit('--wgrad-probe needs a CPU and the native kernel (a C++ compiler)')
+    settings = Conv2Former.parse_arch(args.arch)
+    h, w = size
+    cases = []
+    for i, c in enumerate(settings['channels']):
+        side_h, side_w = h // Conv2Former.strides[i], w // Conv2Former.strides[i]
+        for k, width in ((settings['kernel_size'], c), (3, c * settings['mlp_ratio'])):
+            weight = torch.randn(width, 1, k, k)
+            x = torch.randn(args.batch, side_h, side_w, width)
+            grad = torch.randn(args.batch, side_h, side_w, width)
+            steps = {'native': lambda x=x, g=grad, k=k: native_weight_grad(x, g, k),
+                     'PyTorch': lambda x=x, g=grad, wt=weight, k=k, c=width:
+                         torch.ops.aten.convolution_backward(
+                             g.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), wt, [c], [1, 1],
+                             [k // 2, k // 2], [1, 1], False, [0, 0], c, [False, True, True])}
+            for label, fn in steps.items():
+                cases.append(Case(f'stage {i + 1} dw{k}x{k} C={width} {label}', fn, 1, 0))
+    run_interleaved(cases, args.repeats, args.warmup, max(args.iters, 5), args.device, args.clock)
+    return [dict(name=case.name, ms=1e3 * statistics.median(s['seconds'] for s in case.samples))
+            for case in cases]
+
+
 # ---------------------------------------------------------------------------- output
 def machine() -> dict:
     info = dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
@@ -586,6 +613,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='only: training-step peak memory of Conv2Former with/without with_cp')
     parser.add_argument('--layout-probe', action='store_true',
                         help='only: time the depthwise convs of each stage channels-last vs NCHW')
+    parser.add_argument('--wgrad-probe', action='store_true',
+                        help="only: time each stage's depthwise weight gradients, native kernel vs PyTorch's")
     parser.add_argument('--sweep', type=int, nargs='+', metavar='SIZE',
                         help='square input sizes to sweep (e.g. 224 320 448 640 800 1024)')
     parser.add_argument('--plot', help='PNG for the sweep plot')
@@ -654,6 +683,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for r in rows:
             print(f'{r["name"]:<52} {r["ms"]:8.3f}')
         result['layout_probe'] = rows
+    elif args.wgrad_probe:
+        rows = wgrad_probe(args, size)
+        print(f'{"depthwise weight gradient (batch " + str(args.batch) + ")":<52} {"ms":>8}')
+        for r in rows:
+            print(f'{r["name"]:<52} {r["ms"]:8.3f}')
+        result['wgrad_probe'] = rows
     elif args.sweep:
         sweep = []
         for side in args.sweep:
