@@ -127,7 +127,11 @@ def native_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if x.device.type != 'cpu' or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    if torch.is_autocast_enabled('cpu'):
+    try:
+        autocast = torch.is_autocast_enabled('cpu')
+    except TypeError:  # torch < 2.4 takes no device type
+        autocast = torch.is_autocast_cpu_enabled()
+    if autocast:
         return False
     lib = native_library()
     return lib is not None and bool(lib.mmc2f_dw_supported(weight.shape[-1], weight.shape[0]))
