@@ -63,7 +63,7 @@ def _build(compiler: str) -> str:
     with open(SOURCE, 'rb') as f:
         source = f.read()
     version = subprocess.run([compiler, '--version'], capture_output=True, text=True,
-                             check=True).stdout
+                             check=True, timeout=60).stdout
     key = hashlib.sha256(source + version.encode() + ' '.join(FLAGS).encode()
                          + _cpu_id().encode()).hexdigest()[:16]
     target = osp.join(_cache_dir(), f'depthwise_wgrad_{key}.so')
@@ -76,7 +76,7 @@ def _build(compiler: str) -> str:
     os.close(fd)
     try:
         result = subprocess.run([compiler, *FLAGS, SOURCE, '-o', tmp],
-                                capture_output=True, text=True)
+                                capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise RuntimeError(f'{compiler} failed: {result.stderr.strip()[-800:]}')
         os.replace(tmp, target)
