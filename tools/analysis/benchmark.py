@@ -663,7 +663,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f'# {result["machine"].get("cpu")}, {result["machine"]["threads"]} threads, '
           f'{result["machine"].get("gpu", "no GPU")}, torch {torch.__version__}, '
           f'load {result["machine"].get("load_avg_1m", float("nan")):.2f}')
-    mode = 'train' if args.cp_memory else args.mode
+    mode = 'train' if args.cp_memory else 'backward' if args.wgrad_probe else args.mode
     print(f'# {args.config or "backbone " + args.arch}, {mode}, batch {args.batch}, '
           f'{size[0]}x{size[1]}, {args.dtype}{", channels-last" if args.channels_last else ""}'
           f'{", torch.compile" if args.compile else ""}, {args.repeats} repeats after {args.warmup} warm-up, '
