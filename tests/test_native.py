@@ -1,5 +1,6 @@
 """The native depthwise weight gradient (models/native.py): the same gradients
 as PyTorch's convolution, used only where it applies, and a clean fallback."""
+import os
 import subprocess
 import sys
 
@@ -112,8 +113,13 @@ def test_unsupported_shapes_and_switch_off_use_pytorch(monkeypatch):
 
 
 def test_without_a_compiler_training_falls_back_with_a_note(tmp_path):
-    """A failing compiler (or MMCONV2FORMER_NATIVE=0) leaves PyTorch's kernel
-    in place: a logged note, the same gradients, no error."""
+    """A compiler that fails (here: one that answers ``--version`` and then
+    rejects the source), or MMCONV2FORMER_NATIVE=0, leaves PyTorch's kernel
+    in place: a logged note, training works, no half-built file is left."""
+    broken = tmp_path / 'broken-g++'
+    broken.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "broken 1.0" && exit 0\n'
+                      ': > "$(eval echo \\${$#})"\necho "error: rejected" >&2\nexit 1\n')
+    broken.chmod(0o755)
     script = (
         'import torch\n'
         'from mmconv2former import Conv2Former\n'
@@ -122,27 +128,35 @@ def test_without_a_compiler_training_falls_back_with_a_note(tmp_path):
         'm = Conv2Former(dict(channels=[16, 32, 48, 64], depths=[1, 1, 1, 1], kernel_size=5)).train()\n'
         'sum(o.mean() for o in m(torch.randn(1, 3, 64, 64))).backward()\n'
         'assert all(p.grad is not None for p in m.parameters())\n')
-    for env in ({'CXX': 'false', 'MMCONV2FORMER_CACHE': str(tmp_path)}, {'MMCONV2FORMER_NATIVE': '0'}):
+    cache = tmp_path / 'cache'
+    for env in ({'CXX': str(broken), 'MMCONV2FORMER_CACHE': str(cache)}, {'MMCONV2FORMER_NATIVE': '0'}):
         result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                                env={**__import__('os').environ, **env}, timeout=300)
+                                env={**os.environ, **env}, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         if 'CXX' in env:
-            assert 'could not build the native depthwise kernel' in result.stdout + result.stderr
-    assert not list(tmp_path.rglob('*.so'))  # nothing half-built left behind
+            out = result.stdout + result.stderr
+            assert 'could not build the native depthwise kernel' in out and 'rejected' in out
+    assert cache.is_dir() and not list(cache.rglob('*.so'))  # the partial output was removed
 
 
 @needs_kernel
 def test_weights_changed_in_place_are_used_by_the_next_gradient():
-    """No state kept between calls: a ``.data`` write changes the next
-    input gradient exactly as it does PyTorch's."""
+    """No state kept between calls: after ``.data`` writes to the weight and
+    the bias, the next backward pass gives PyTorch's gradients for the new
+    values."""
     conv = ConvNHWC(16, 16, 7, padding=3, groups=16)
     x = torch.randn(1, 9, 9, 16, requires_grad=True)
-    conv(x).sum().backward()
+    grad_out = torch.randn(1, 9, 9, 16)
+    conv(x).backward(grad_out)
     conv.weight.data.mul_(-2)
-    x.grad = None
-    conv(x).sum().backward()
-    _, ref_gx, _, _ = reference_grads(x, conv.weight, conv.bias, torch.ones(1, 9, 9, 16))
+    conv.bias.data.add_(1)
+    x.grad = conv.weight.grad = conv.bias.grad = None
+    (conv(x) ** 2).backward(grad_out)  # the weight gradient now depends on the bias
+    ref = reference_grads(x, conv.weight, conv.bias, grad_out)
+    out = ref[0]
+    _, ref_gx, ref_gw, _ = reference_grads(x, conv.weight, conv.bias, 2 * out * grad_out)
     assert relative_error(x.grad, ref_gx) <= 1e-6
+    assert relative_error(conv.weight.grad, ref_gw) <= 1e-5
 
 
 @needs_kernel

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .native import depthwise_conv_nhwc
+from .native import depthwise_conv_nhwc, native_applies
 
 
 class ConvNHWC(nn.Conv2d):
@@ -38,14 +38,15 @@ class ConvNHWC(nn.Conv2d):
         # gradient on CPU (see models/native.py). False: PyTorch's own kernels
         # throughout (the benchmark's ``native-off`` peer).
         self.native_weight_grad = (self.kernel_size == (k, k) and k % 2 == 1 and k > 1
-                             and self.stride == (1, 1) and self.dilation == (1, 1)
-                             and self.padding == (k // 2, k // 2) and self.padding_mode == 'zeros'
-                             and self.groups == self.in_channels == self.out_channels)
+                                   and self.stride == (1, 1) and self.dilation == (1, 1)
+                                   and self.padding == (k // 2, k // 2)
+                                   and self.padding_mode == 'zeros'
+                                   and self.groups == self.in_channels == self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_pointwise:
             return F.linear(x, self.weight.flatten(1), self.bias)
-        if self.native_weight_grad:
+        if self.native_weight_grad and native_applies(x, self.weight):
             return depthwise_conv_nhwc(x, self.weight, self.bias)
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 

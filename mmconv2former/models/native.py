@@ -3,9 +3,10 @@
 After the matrix products, the largest cost of a Conv2Former training step on
 CPU was oneDNN's depthwise *weight gradient*: 4-35x the time of the same
 convolution's forward pass for the 11x11 kernels (35x on stage 4's 7x7 maps),
-where a direct per-channel correlation costs about what the forward does. ``csrc/depthwise_wgrad.cpp`` computes that gradient (and the bias
-gradient) directly; the forward pass and the input gradient stay with PyTorch
-(oneDNN), which is fast at both. See ``docs/performance.md`` for the measured
+where a direct per-channel correlation costs about what the forward does.
+``csrc/depthwise_wgrad.cpp`` computes that gradient (and the bias gradient)
+directly; the forward pass and the input gradient stay with PyTorch (oneDNN),
+which is fast at both. See ``docs/performance.md`` for the measured
 shares, ``tools/analysis/benchmark.py --wgrad-probe`` for the kernel per
 stage and ``--mode train --peers native-off`` for its effect on a training step.
 
@@ -15,8 +16,8 @@ the compiler and the CPU, and called through :mod:`ctypes` on the tensors'
 memory. Where it cannot be used -- no compiler, ``MMCONV2FORMER_NATIVE=0``,
 not CPU fp32, autocast, tracing or compiling (FLOP counters, ONNX and
 ``torch.compile`` see the standard convolution), an unsupported kernel size
-or channel count, or no gradient needed -- :func:`depthwise_conv_nhwc` is
-exactly ``F.conv2d``.
+or channel count, or no gradient needed (:func:`native_applies`) --
+``ConvNHWC`` runs its plain ``F.conv2d``, with PyTorch's own autograd graph.
 """
 import ctypes
 import functools
@@ -190,16 +191,10 @@ class _DepthwiseConvNHWC(torch.autograd.Function):
 
 def depthwise_conv_nhwc(x: torch.Tensor, weight: torch.Tensor,
                         bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Stride-1, same-padded depthwise convolution of a ``(B, H, W, C)`` tensor.
-
-    The same numbers as ``F.conv2d`` (weight gradients to float rounding), and
-    the same autograd graph wherever :func:`native_applies` is false.
-    """
-    if native_applies(x, weight):
-        return _DepthwiseConvNHWC.apply(x, weight, bias)
-    out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=weight.shape[-1] // 2,
-                   groups=weight.shape[0])
-    return out.permute(0, 2, 3, 1)
+    """Stride-1, same-padded depthwise convolution of a ``(B, H, W, C)``
+    tensor: ``F.conv2d``'s output, with the native weight gradient. Only for
+    arguments where :func:`native_applies` holds (``ConvNHWC`` checks)."""
+    return _DepthwiseConvNHWC.apply(x, weight, bias)
 
 
 __all__ = ['depthwise_conv_nhwc', 'native_applies', 'native_library', 'native_weight_grad']

@@ -43,6 +43,7 @@ How it measures
     back, which oneDNN does not do for these models).
 """
 import argparse
+import contextlib
 import json
 import os
 import os.path as osp
@@ -417,6 +418,25 @@ def cp_memory(args, size) -> dict:
     return result
 
 
+def depthwise_probe(args, size, steps_for: Callable[[int, int, tuple], Dict[str, Callable]],
+                    inference: bool = False) -> List[dict]:
+    """Time, interleaved, the calls that ``steps_for(k, width, nhwc_shape)``
+    returns (``{label: fn}``) for both depthwise convs of every stage (the
+    k x k one at C and the MLP's 3x3 at 4C); ms per call."""
+    settings = Conv2Former.parse_arch(args.arch)
+    h, w = size
+    cases = []
+    for i, c in enumerate(settings['channels']):
+        side_h, side_w = h // Conv2Former.strides[i], w // Conv2Former.strides[i]
+        for k, width in ((settings['kernel_size'], c), (3, c * settings['mlp_ratio'])):
+            for label, fn in steps_for(k, width, (args.batch, side_h, side_w, width)).items():
+                cases.append(Case(f'stage {i + 1} dw{k}x{k} C={width} {label}', fn, 1, 0))
+    with torch.inference_mode() if inference else contextlib.nullcontext():
+        run_interleaved(cases, args.repeats, args.warmup, max(args.iters, 5), args.device, args.clock)
+    return [dict(name=case.name, ms=1e3 * statistics.median(s['seconds'] for s in case.samples))
+            for case in cases]
+
+
 def layout_probe(args, size) -> List[dict]:
     """Time each stage's depthwise convs channels-last vs NCHW (with and without conversions).
 
@@ -424,31 +444,22 @@ def layout_probe(args, size) -> List[dict]:
     depthwise conv would cost at each stage, the two permute-copies included.
     """
     import torch.nn.functional as F
-    settings = Conv2Former.parse_arch(args.arch)
-    h, w = size
-    cases, rows = [], []
-    for i, c in enumerate(settings['channels']):
-        side_h, side_w = h // Conv2Former.strides[i], w // Conv2Former.strides[i]
-        for k, width in ((settings['kernel_size'], c), (3, c * settings['mlp_ratio'])):
-            weight = torch.randn(width, 1, k, k, device=args.device)
-            bias = torch.randn(width, device=args.device)
-            nhwc = torch.randn(args.batch, side_h, side_w, width, device=args.device)
-            nchw = nhwc.permute(0, 3, 1, 2).contiguous()
 
-            def conv(t, weight=weight, bias=bias, k=k, width=width):
-                return F.conv2d(t, weight, bias, padding=k // 2, groups=width)
+    def steps_for(k, width, shape):
+        weight = torch.randn(width, 1, k, k, device=args.device)
+        bias = torch.randn(width, device=args.device)
+        nhwc = torch.randn(shape, device=args.device)
+        nchw = nhwc.permute(0, 3, 1, 2).contiguous()
 
-            steps = {'channels-last': lambda conv=conv, t=nhwc: conv(t.permute(0, 3, 1, 2)),
-                     'NCHW kernel': lambda conv=conv, t=nchw: conv(t),
-                     'NCHW + 2 conversions': lambda conv=conv, t=nhwc: conv(
-                         t.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1).contiguous()}
-            for label, fn in steps.items():
-                cases.append(Case(f'stage {i + 1} dw{k}x{k} C={width} {label}', fn, 1, 0))
-    with torch.inference_mode():
-        run_interleaved(cases, args.repeats, args.warmup, max(args.iters, 5), args.device, args.clock)
-    for case in cases:
-        rows.append(dict(name=case.name, ms=1e3 * statistics.median(s['seconds'] for s in case.samples)))
-    return rows
+        def conv(t):
+            return F.conv2d(t, weight, bias, padding=k // 2, groups=width)
+
+        return {'channels-last': lambda: conv(nhwc.permute(0, 3, 1, 2)),
+                'NCHW kernel': lambda: conv(nchw),
+                'NCHW + 2 conversions': lambda: conv(
+                    nhwc.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1).contiguous()}
+
+    return depthwise_probe(args, size, steps_for, inference=True)
 
 
 def wgrad_probe(args, size) -> List[dict]:
@@ -457,25 +468,16 @@ def wgrad_probe(args, size) -> List[dict]:
     from mmconv2former.models.native import native_library, native_weight_grad
     if args.device != 'cpu' or native_library() is None:
         raise SystemExit('--wgrad-probe needs a CPU and the native kernel (a C++ compiler)')
-    settings = Conv2Former.parse_arch(args.arch)
-    h, w = size
-    cases = []
-    for i, c in enumerate(settings['channels']):
-        side_h, side_w = h // Conv2Former.strides[i], w // Conv2Former.strides[i]
-        for k, width in ((settings['kernel_size'], c), (3, c * settings['mlp_ratio'])):
-            weight = torch.randn(width, 1, k, k)
-            x = torch.randn(args.batch, side_h, side_w, width)
-            grad = torch.randn(args.batch, side_h, side_w, width)
-            steps = {'native': lambda x=x, g=grad, k=k: native_weight_grad(x, g, k),
-                     'PyTorch': lambda x=x, g=grad, wt=weight, k=k, c=width:
-                         torch.ops.aten.convolution_backward(
-                             g.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), wt, [c], [1, 1],
-                             [k // 2, k // 2], [1, 1], False, [0, 0], c, [False, True, True])}
-            for label, fn in steps.items():
-                cases.append(Case(f'stage {i + 1} dw{k}x{k} C={width} {label}', fn, 1, 0))
-    run_interleaved(cases, args.repeats, args.warmup, max(args.iters, 5), args.device, args.clock)
-    return [dict(name=case.name, ms=1e3 * statistics.median(s['seconds'] for s in case.samples))
-            for case in cases]
+
+    def steps_for(k, width, shape):
+        weight = torch.randn(width, 1, k, k)
+        x, grad = torch.randn(shape), torch.randn(shape)
+        return {'native': lambda: native_weight_grad(x, grad, k),
+                'PyTorch': lambda: torch.ops.aten.convolution_backward(
+                    grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [width], [1, 1],
+                    [k // 2, k // 2], [1, 1], False, [0, 0], width, [False, True, True])}
+
+    return depthwise_probe(args, size, steps_for)
 
 
 # ---------------------------------------------------------------------------- output
@@ -677,18 +679,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                             ('with_cp', 'with_cp=True')):
             ratio = mem[name]['peak_bytes'] / mem['store-all']['peak_bytes']
             print(f'  {label:<26} {mem[name]["peak_bytes"] / 2**20:9.1f} MB  {ratio:.2f}x')
-    elif args.layout_probe:
-        rows = layout_probe(args, size)
-        print(f'{"depthwise conv (batch " + str(args.batch) + ")":<52} {"ms":>8}')
+    elif args.layout_probe or args.wgrad_probe:
+        key, what = (('layout_probe', 'depthwise conv') if args.layout_probe
+                     else ('wgrad_probe', 'depthwise weight gradient'))
+        rows = layout_probe(args, size) if args.layout_probe else wgrad_probe(args, size)
+        print(f'{what + " (batch " + str(args.batch) + ")":<52} {"ms":>8}')
         for r in rows:
             print(f'{r["name"]:<52} {r["ms"]:8.3f}')
-        result['layout_probe'] = rows
-    elif args.wgrad_probe:
-        rows = wgrad_probe(args, size)
-        print(f'{"depthwise weight gradient (batch " + str(args.batch) + ")":<52} {"ms":>8}')
-        for r in rows:
-            print(f'{r["name"]:<52} {r["ms"]:8.3f}')
-        result['wgrad_probe'] = rows
+        result[key] = rows
     elif args.sweep:
         sweep = []
         for side in args.sweep:

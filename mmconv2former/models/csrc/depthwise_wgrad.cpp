@@ -3,8 +3,8 @@
 //
 // Why this exists: oneDNN's depthwise weight gradient runs 4-35x slower than
 // its own forward pass on the shapes Conv2Former trains (11x11 kernels, 7-128
-// pixel maps), which made it the largest single cost of a Conv2Former
-// training step on CPU. The gradient is a per-channel correlation,
+// pixel maps), which made it the largest cost of a Conv2Former training step
+// on CPU after the matrix products. The gradient is a per-channel correlation,
 //     dw[i, j, c] = sum_{n, h, w} x[n, h + i - P, w + j - P, c] * g[n, h, w, c],
 // and vectorises over the contiguous channel dimension: for one input row i
 // and a block of 8 channels, the K taps of kernel row i stay in registers
