@@ -54,17 +54,24 @@ def load_benchmark():
 
 
 # ---------------------------------------------------------------------------- hooks
-@pytest.mark.parametrize('mode', ['train', 'train-recompute', 'train-with_cp', 'eval', 'no_grad'])
+MODES = {'train': dict(recompute=False), 'train-recompute': {},
+         'train-selective': dict(recompute='selective'), 'train-with_cp': dict(with_cp=True),
+         'eval': {}, 'no_grad': {}}
+
+
+@pytest.mark.parametrize('mode', list(MODES))
 def test_forward_hooks_fire_on_every_submodule_in_every_mode(mode):
     """Feature extractors, FLOP counters and quantisation observers hook
-    ``attn``, ``mlp``, ``proj``, ``fc2``: they must see every block."""
-    model = Conv2Former(TINY, recompute=mode == 'train-recompute', with_cp=mode == 'train-with_cp')
+    ``attn``, ``mlp``, ``proj``, ``fc2``: they must see every block, once
+    per forward pass."""
+    model = Conv2Former(TINY, **MODES[mode])
     model.train(mode.startswith('train'))
-    seen = {}
-    names = ('attn', 'mlp', 'attn.proj', 'mlp.fc2', 'attn.att.0', 'attn.v', 'mlp.pos')
+    seen, calls = {}, {}
+    names = ('attn', 'mlp', 'attn.proj', 'mlp.fc2', 'attn.att', 'attn.att.0', 'attn.v', 'mlp.pos')
     def hook(name):
         def record(module, inputs, output):
             seen[name] = output.shape
+            calls[name] = calls.get(name, 0) + 1
         return record
     for name, module in model.named_modules():
         if name.endswith(names):
@@ -75,6 +82,7 @@ def test_forward_hooks_fire_on_every_submodule_in_every_mode(mode):
     for suffix in names:
         hit = [n for n in seen if n.endswith('.' + suffix)]
         assert len(hit) == blocks, (suffix, len(hit))
+    assert set(calls.values()) == {1}, calls
     assert seen['stages.0.0.attn.proj'] == (2, 16, 16, TINY['channels'][0])  # channels-last
 
 
@@ -177,32 +185,68 @@ def train_pair(drop_path_rate=0.0, **kwargs):
     return plain, other
 
 
-@pytest.mark.parametrize('kwargs', [dict(recompute=True), dict(with_cp=True)], ids=['recompute', 'with_cp'])
+@pytest.mark.parametrize('kwargs', [dict(recompute=True), dict(recompute='selective'), dict(with_cp=True)],
+                         ids=['recompute', 'selective', 'with_cp'])
 @pytest.mark.parametrize('drop_path_rate', [0.0, 0.3])
 def test_recomputation_gives_the_plain_gradients(kwargs, drop_path_rate):
-    """fp32 gradients of every parameter within 1e-5 (relative) of the
-    path that stores everything, stochastic depth included (the recomputed
-    forward must draw the same masks)."""
+    """fp32 gradients of every parameter, and of the input, within 1e-5
+    (relative) of the path that stores everything, stochastic depth included
+    (the recomputed forward must draw the same masks)."""
     plain, other = train_pair(drop_path_rate, **kwargs)
     x = torch.randn(4, 3, 64, 64)
+    assert_same_gradients(plain, other, x, tol=1e-5)
+
+
+def assert_same_gradients(plain, other, x, tol, frozen=()):
     grads = []
     for model in (plain, other):
         torch.manual_seed(7)
-        outs = model(x)
+        xi = x.clone().requires_grad_()
+        outs = model(xi)
         sum((o ** 2).mean() for o in outs).backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
+        grads.append({'input': xi.grad, **{n: p.grad for n, p in model.named_parameters()}})
     for name, grad in grads[0].items():
+        if name in frozen:
+            assert grad is None and grads[1][name] is None, name
+            continue
         assert grad is not None and grad.abs().sum() > 0, name
-        assert relative_error(grads[1][name], grad) <= 1e-5, name
+        assert relative_error(grads[1][name], grad) <= tol, name
+
+
+@pytest.mark.parametrize('variant', ['float64', 'tanh-gelu', 'native-off', 'frozen-norms'])
+def test_explicit_backward_passes_equal_autograd(variant):
+    """The hand-written backward passes of ``models/recompute.py`` against
+    autograd on the plain blocks: to 1e-10 in float64 (so a wrong term cannot
+    hide in rounding), and with the other GELU, PyTorch's depthwise weight
+    gradient, and frozen parameters (no gradient, the others unchanged)."""
+    from mmconv2former.models.layers import ConvNHWC
+    plain, other = train_pair()
+    frozen = ()
+    for model in (plain, other):
+        if variant == 'float64':
+            model.double()
+        for name, module in model.named_modules():
+            if variant == 'tanh-gelu' and isinstance(module, nn.GELU):
+                module.approximate = 'tanh'
+            if variant == 'native-off' and isinstance(module, ConvNHWC):
+                module.native_weight_grad = False
+        if variant == 'frozen-norms':
+            frozen = tuple(n for n, p in model.named_parameters() if '.norm.' in n or 'att.0' in n)
+            for n, p in model.named_parameters():
+                p.requires_grad_(n not in frozen)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64 if variant == 'float64' else torch.float32)
+    assert_same_gradients(plain, other, x, tol=1e-10 if variant == 'float64' else 1e-5, frozen=frozen)
 
 
 def test_recomputation_stores_less_and_keeps_with_cp_least():
-    """Peak activation memory of a training step: selective recomputation
-    below 60% of storing everything; full checkpointing (``with_cp``) lower still."""
+    """Peak activation memory of a training step: recomputation (explicit or
+    selective) below 60% of storing everything; full checkpointing
+    (``with_cp``) lower still."""
     benchmark = load_benchmark()
     x = torch.randn(4, 3, 96, 96)
     peaks = {}
-    for name, kwargs in [('plain', dict(recompute=False)), ('recompute', {}), ('with_cp', dict(with_cp=True))]:
+    for name, kwargs in [('plain', dict(recompute=False)), ('recompute', {}),
+                         ('selective', dict(recompute='selective')), ('with_cp', dict(with_cp=True))]:
         model = Conv2Former(TINY, **kwargs).train()
 
         def step():
@@ -211,48 +255,75 @@ def test_recomputation_stores_less_and_keeps_with_cp_least():
         step()
         peaks[name] = benchmark.peak_memory(step, 'cpu')
     assert peaks['recompute'] < 0.6 * peaks['plain'], peaks
-    assert peaks['with_cp'] < peaks['recompute'], peaks
+    assert peaks['selective'] < 0.6 * peaks['plain'], peaks
+    assert peaks['with_cp'] < min(peaks['recompute'], peaks['selective']), peaks
 
 
-def count_checkpoint_calls(monkeypatch) -> list:
-    calls = []
+def count_calls(monkeypatch) -> dict:
+    """Calls of torch's checkpoint (with their ``context_fn``) and of the
+    explicit recomputation's Functions."""
+    from mmconv2former.models import recompute
+    calls = {'checkpoint': [], 'explicit': 0}
     orig = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, 'checkpoint',
-                        lambda *a, **k: calls.append(k.get('context_fn')) or orig(*a, **k))
+                        lambda *a, **k: calls['checkpoint'].append(k.get('context_fn')) or orig(*a, **k))
+    for name in ('modulation', 'mlp'):
+        orig_fn = getattr(recompute, name)
+
+        def counted(*a, _orig=orig_fn, **k):
+            calls['explicit'] += 1
+            return _orig(*a, **k)
+        monkeypatch.setattr(recompute, name, counted)
     return calls
 
 
-def test_recompute_is_for_training_only(monkeypatch):
-    """Eval mode, or autograd off, runs the blocks plainly (nothing to store)."""
-    calls = count_checkpoint_calls(monkeypatch)
+def test_recompute_is_for_training_only_and_explicit_on_cpu(monkeypatch):
+    """Eval mode, or autograd off, runs the blocks plainly (nothing to store);
+    CPU training takes the explicit form (both halves of every block);
+    ``'selective'``, and CPU autocast, take torch's selective checkpointing."""
+    calls = count_calls(monkeypatch)
+    blocks = sum(TINY['depths'])
     model = Conv2Former(TINY).eval()
     model(torch.randn(1, 3, 64, 64))
     with torch.no_grad():
         model.train()(torch.randn(2, 3, 64, 64))
-    assert not calls
+    assert calls == {'checkpoint': [], 'explicit': 0}
     model.train()(torch.randn(2, 3, 64, 64))
-    assert len(calls) == sum(TINY['depths']) and all(c is not None for c in calls)
+    assert calls == {'checkpoint': [], 'explicit': 2 * blocks}
+    model.recompute = 'selective'
+    model(torch.randn(2, 3, 64, 64))
+    assert len(calls['checkpoint']) == blocks and all(c is not None for c in calls['checkpoint'])
+    model.recompute = True
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 64, 64))
+    assert len(calls['checkpoint']) == 2 * blocks and calls['explicit'] == 2 * blocks
+
+
+def test_recompute_rejects_unknown_values():
+    with pytest.raises(ValueError, match="True, False or 'selective'"):
+        Conv2Former(TINY, recompute='explicit')
 
 
 def test_without_selective_checkpointing_recompute_falls_back_to_plain(monkeypatch):
     """On a torch without ``create_selective_checkpoint_contexts`` (< 2.4) the
-    blocks run plainly (no checkpointing at all) and train as before."""
-    from mmconv2former.models import conv2former
+    selective form runs the blocks plainly (no checkpointing at all) and
+    trains as before."""
+    from mmconv2former.models import recompute
     monkeypatch.delattr(torch.utils.checkpoint, 'create_selective_checkpoint_contexts')
-    conv2former._selective_context.cache_clear()
-    calls = count_checkpoint_calls(monkeypatch)
+    recompute._selective_context.cache_clear()
+    calls = count_calls(monkeypatch)
     try:
-        plain, other = train_pair()
+        plain, other = train_pair(recompute='selective')
         x = torch.randn(2, 3, 64, 64)
         outs = [plain(x), other(x)]
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b)
-        assert not calls
+        assert calls == {'checkpoint': [], 'explicit': 0}
         sum(o.mean() for o in outs[1]).backward()
         assert all(p.grad is not None for p in other.parameters())
     finally:
         monkeypatch.undo()
-        conv2former._selective_context.cache_clear()
+        recompute._selective_context.cache_clear()
 
 
 # ---------------------------------------------------------------------------- tracers and compilers

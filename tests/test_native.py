@@ -29,10 +29,11 @@ def reference_grads(x, weight, bias, grad_out):
 
 
 def count_native_calls(monkeypatch) -> list:
+    """``(channels, kernel size)`` of every native weight-gradient call."""
     calls = []
-    orig = native._DepthwiseConvNHWC.apply
-    monkeypatch.setattr(native._DepthwiseConvNHWC, 'apply',
-                        lambda *a: calls.append(a[1].shape) or orig(*a))
+    orig = native.native_weight_grad
+    monkeypatch.setattr(native, 'native_weight_grad',
+                        lambda x, grad, k: calls.append((x.shape[-1], k)) or orig(x, grad, k))
     return calls
 
 
@@ -71,18 +72,19 @@ def test_native_weight_gradient_equals_pytorch(shape, kernel, threads, with_bias
 
 
 @needs_kernel
-def test_training_uses_the_native_kernel_and_inference_does_not(monkeypatch):
-    """Every depthwise conv of every block, in training; none without grad,
-    when tracing, under autocast, or in float64. (Only the backward pass
-    differs: the forward is ``F.conv2d`` in every case.)"""
+@pytest.mark.parametrize('recompute', [True, 'selective', False])
+def test_training_uses_the_native_kernel_and_inference_does_not(monkeypatch, recompute):
+    """Every depthwise conv of every block, once per training step, with
+    every ``recompute``; none without grad, when tracing, under autocast, or
+    in float64. (Only the backward pass differs: the forward is ``F.conv2d``
+    in every case.)"""
     calls = count_native_calls(monkeypatch)
-    model = Conv2Former(TINY).train()
+    model = Conv2Former(TINY, recompute=recompute).train()
     x = torch.randn(2, 3, 64, 64)
     sum(o.mean() for o in model(x)).backward()
     blocks = sum(TINY['depths'])
-    # two per block (att.2, pos); recomputation replays att.2's saved output
-    assert len([s for s in calls if s[-1] == TINY['kernel_size']]) >= blocks
-    assert len([s for s in calls if s[-1] == 3]) >= blocks
+    assert len([s for s in calls if s[-1] == TINY['kernel_size']]) == blocks  # att.2
+    assert len([s for s in calls if s[-1] == 3]) == blocks  # pos
     calls.clear()
     with torch.no_grad():
         model(x)

@@ -10,13 +10,11 @@ is an explicit, one-way step (:meth:`Conv2Former.switch_to_deploy`, in
 :mod:`mmconv2former.models.deploy`).
 """
 import copy
-import functools
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
@@ -24,6 +22,7 @@ from mmengine.model.weight_init import trunc_normal_
 from ..checkpoint import (arch_name, check_shapes, extract_state_dict, infer_arch,
                           safe_load, split_keys)
 from ..registry import register_model
+from . import recompute
 from .layers import ConvNHWC, DropPath
 
 
@@ -47,6 +46,8 @@ class ConvModulation(nn.Module):
         self.proj = ConvNHWC(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recompute.explicit():  # lean training; see models/recompute.py
+            return recompute.modulation(self, x)
         y = self.norm(x)
         return self.proj(self.att(y) * self.v(y))
 
@@ -68,6 +69,8 @@ class ConvMLP(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recompute.explicit():  # lean training; see models/recompute.py
+            return recompute.mlp(self, x)
         h = self.act(self.fc1(self.norm(x)))
         return self.fc2(h + self.act(self.pos(h)))
 
@@ -93,38 +96,6 @@ class Conv2FormerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.layer_scale_1 * self.attn(x))
         return x + self.drop_path(self.layer_scale_2 * self.mlp(x))
-
-
-def _keep_products(ctx, op, *args, **kwargs) -> 'cp.CheckpointPolicy':
-    """Selective recomputation policy (see ``Conv2Former(recompute=...)``).
-
-    Store the outputs of the costly ops: the 1x1 convolutions (matrix
-    products) and the large-kernel depthwise convolution. Everything else is
-    recomputed from them in the backward pass: LayerNorms, GELUs, the
-    modulation product, layer-scale products, residual sums and the MLP's 3x3
-    depthwise convolution (memory-bound: 9 multiply-adds per element of a
-    4C-wide tensor, at most 4% of the block's multiply-adds, but its input,
-    its output and the sum after its GELU are 12 of the 27 channel-widths of
-    activations a block would otherwise keep). What stays stored is 10 widths.
-    """
-    if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-        return cp.CheckpointPolicy.MUST_SAVE
-    if op is torch.ops.aten.convolution.default and args[1].shape[-1] > 3:
-        return cp.CheckpointPolicy.MUST_SAVE
-    return cp.CheckpointPolicy.PREFER_RECOMPUTE
-
-
-@functools.lru_cache(maxsize=None)
-def _selective_context():
-    """``context_fn`` for :func:`torch.utils.checkpoint.checkpoint` with the
-    policy above, or None where this torch lacks selective checkpointing
-    (< 2.4): blocks then run plainly, storing everything."""
-    if not hasattr(cp, 'create_selective_checkpoint_contexts'):
-        print_log('Conv2Former: this torch has no selective activation checkpointing '
-                  '(torch >= 2.4); recompute=True falls back to storing all activations',
-                  logger='current', level=30)
-        return None
-    return functools.partial(cp.create_selective_checkpoint_contexts, _keep_products)
 
 
 def _stem(in_channels: int, channels: int) -> nn.Sequential:
@@ -178,7 +149,11 @@ class Conv2Former(BaseModule):
             and of the large-kernel depthwise convolution, and recomputes the
             cheap rest (norms, GELUs, the modulation product, the MLP's 3x3
             depthwise convolution) in the backward pass. Same gradients, about
-            a third of the activation memory of the blocks; see
+            a third of the activation memory of the blocks. True: on CPU by
+            hand-written backward passes, elsewhere by PyTorch's selective
+            checkpointing; ``'selective'``: PyTorch's everywhere (for models
+            with forward hooks that replace outputs); False: store
+            everything. See :mod:`mmconv2former.models.recompute` and
             ``docs/performance.md``. Defaults to True.
         pretrained: deprecated; use ``init_cfg=dict(type='Pretrained',
             checkpoint=...)``. Defaults to None.
@@ -212,7 +187,7 @@ class Conv2Former(BaseModule):
                  frozen_stages: int = 0,
                  norm_eval: bool = False,
                  with_cp: bool = False,
-                 recompute: bool = True,
+                 recompute: Union[bool, str] = True,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         if pretrained is not None:
@@ -245,6 +220,8 @@ class Conv2Former(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
+        if recompute not in (True, False, 'selective'):
+            raise ValueError(f"recompute must be True, False or 'selective', got {recompute!r}")
         self.recompute = recompute
         self.deployed = False
 
@@ -355,15 +332,7 @@ class Conv2Former(BaseModule):
     def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return stage(x)
-        if self.with_cp:
-            context = {}
-        elif self.recompute and _selective_context() is not None:
-            context = {'context_fn': _selective_context()}
-        else:
-            return stage(x)
-        for block in stage:
-            x = cp.checkpoint(block, x, use_reentrant=False, **context)
-        return x
+        return recompute.run_blocks(stage, x, self.with_cp, self.recompute)
 
     # ------------------------------------------------------------------ training state
     def _freeze_stages(self) -> None:

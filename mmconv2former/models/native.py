@@ -112,7 +112,9 @@ def native_library() -> Optional[ctypes.CDLL]:
     return lib
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """Whether a tracer or compiler is recording (jit, dynamo, export): they
+    must see standard operators, not ctypes calls or hand-written backwards."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
     compiler = getattr(torch, 'compiler', None)
@@ -121,21 +123,26 @@ def _tracing() -> bool:
         or getattr(compiler, 'is_exporting', lambda: False)()))
 
 
-def native_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`depthwise_conv_nhwc` uses the native weight gradient for
-    these arguments (the caller has checked stride 1, same padding, depthwise)."""
-    if not torch.is_grad_enabled() or not weight.requires_grad or _tracing():
-        return False
-    if x.device.type != 'cpu' or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
+def autocast_enabled(device_type: str) -> bool:
     try:
-        autocast = torch.is_autocast_enabled('cpu')
+        return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device type
-        autocast = torch.is_autocast_cpu_enabled()
-    if autocast:
+        return torch.is_autocast_enabled() if device_type == 'cuda' else torch.is_autocast_cpu_enabled()
+
+
+def _native_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     lib = native_library()
     return lib is not None and bool(lib.mmc2f_dw_supported(weight.shape[-1], weight.shape[0]))
+
+
+def native_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`depthwise_conv_nhwc` uses the native weight gradient for
+    these arguments (the caller has checked stride 1, same padding, depthwise)."""
+    if not torch.is_grad_enabled() or not weight.requires_grad or tracing():
+        return False
+    return not autocast_enabled(x.device.type) and _native_supports(x, weight)
 
 
 def native_weight_grad(x: torch.Tensor, grad: torch.Tensor,
@@ -156,36 +163,61 @@ def native_weight_grad(x: torch.Tensor, grad: torch.Tensor,
     return grad_wt.permute(2, 0, 1).reshape(channels, 1, kernel_size, kernel_size), grad_b
 
 
+def depthwise_forward(x: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Stride-1, same-padded depthwise convolution of a ``(B, H, W, C)`` tensor
+    (``F.conv2d`` on its channels-last view; the result is channels-last too)."""
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=weight.shape[-1] // 2,
+                   groups=weight.shape[0])
+    return out.permute(0, 2, 3, 1)
+
+
+def depthwise_input_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Input gradient of :func:`depthwise_forward`: a convolution with the
+    flipped kernel, which oneDNN does as fast as the forward pass."""
+    k = weight.shape[-1]
+    return torch.ops.aten.convolution_backward(
+        grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, None, [1, 1], [k // 2, k // 2],
+        [1, 1], False, [0, 0], weight.shape[0], [True, False, False])[0].permute(0, 2, 3, 1)
+
+
+def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor,
+                          has_bias: bool, native: bool = True
+                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Weight and bias gradients of :func:`depthwise_forward`: by the native
+    kernel where it supports the arguments (and ``native``), else by PyTorch."""
+    if native and _native_supports(x, weight):
+        grad_w, grad_b = native_weight_grad(x, grad, weight.shape[-1])
+        return grad_w, grad_b if has_bias else None
+    k, channels = weight.shape[-1], weight.shape[0]
+    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [channels] if has_bias else None,
+        [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], channels, [False, True, has_bias])
+    return grad_w, grad_b
+
+
 class _DepthwiseConvNHWC(torch.autograd.Function):
-    """``F.conv2d`` on a channels-last view, with the native weight gradient."""
+    """:func:`depthwise_forward`, with the native weight gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        pad = weight.shape[-1] // 2
-        out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=pad, groups=weight.shape[0])
-        return out.permute(0, 2, 3, 1)
+        return depthwise_forward(x, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        channels, _, k, _ = weight.shape
         grad = grad.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            # The input gradient is a convolution with the flipped kernel:
-            # oneDNN does it as fast as the forward pass.
-            grad_x = torch.ops.aten.convolution_backward(
-                grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, None, [1, 1],
-                [k // 2, k // 2], [1, 1], False, [0, 0], channels,
-                [True, False, False])[0].permute(0, 2, 3, 1)
+            grad_x = depthwise_input_grad(grad, x, weight)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            grad_w, grad_b = native_weight_grad(x, grad, k)
+            grad_w, grad_b = depthwise_weight_grad(x, grad, weight, ctx.has_bias)
             grad_w = grad_w if ctx.needs_input_grad[1] else None
-            grad_b = grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None
+            grad_b = grad_b if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
@@ -197,4 +229,5 @@ def depthwise_conv_nhwc(x: torch.Tensor, weight: torch.Tensor,
     return _DepthwiseConvNHWC.apply(x, weight, bias)
 
 
-__all__ = ['depthwise_conv_nhwc', 'native_applies', 'native_library', 'native_weight_grad']
+__all__ = ['autocast_enabled', 'depthwise_conv_nhwc', 'depthwise_forward', 'depthwise_input_grad',
+           'depthwise_weight_grad', 'native_applies', 'native_library', 'native_weight_grad', 'tracing']

@@ -75,7 +75,7 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # the cost per pixel from 224 to 1024 (issue 6).
 TARGETS = dict(train_speed=1.0, train_memory=1.0, deploy_speed=0.88, per_pixel_1024_vs_224=1.15)
 LABELS = {'conv2former': 'Conv2Former-{arch}', 'deploy': 'Conv2Former-{arch} deploy',
-          'store-all': 'Conv2Former-{arch} store-all',
+          'store-all': 'Conv2Former-{arch} store-all', 'selective': 'Conv2Former-{arch} selective',
           'native-off': 'Conv2Former-{arch} native-off', 'reference': 'release-style reference',
           'convnext': 'ConvNeXt-{peer} (mmpretrain)'}
 
@@ -105,11 +105,12 @@ class _Stages(nn.Module):
 
 def apply_variant(model: nn.Module, name: str) -> nn.Module:
     """Every Conv2Former in ``model`` as the ``deploy``, ``store-all``
-    (``recompute=False``) or ``native-off`` (PyTorch's depthwise weight
-    gradient) variant; other names leave it as built."""
+    (``recompute=False``), ``selective`` (``recompute='selective'``) or
+    ``native-off`` (PyTorch's depthwise weight gradient) variant; other names
+    leave it as built."""
     for module in model.modules():
         if isinstance(module, Conv2Former):
-            module.recompute = name != 'store-all'
+            module.recompute = {'store-all': False, 'selective': 'selective'}.get(name, True)
             if name == 'deploy':
                 module.switch_to_deploy()
         if isinstance(module, ConvNHWC) and name == 'native-off':
@@ -118,10 +119,10 @@ def apply_variant(model: nn.Module, name: str) -> nn.Module:
 
 
 def build_backbone(name: str, arch: str, with_cp: bool = False) -> nn.Module:
-    """``conv2former``, ``deploy``, ``store-all``, ``native-off``, ``convnext`` (mmpretrain,
+    """``conv2former``, ``deploy``, ``store-all``, ``selective``, ``native-off``, ``convnext`` (mmpretrain,
     matching size) or ``reference``."""
     settings = Conv2Former.parse_arch(arch)
-    if name in ('conv2former', 'deploy', 'store-all', 'native-off'):
+    if name in ('conv2former', 'deploy', 'store-all', 'selective', 'native-off'):
         return _Stages(apply_variant(Conv2Former(arch, out_indices=(0, 1, 2, 3), with_cp=with_cp), name))
     if name == 'reference':
         return _Stages(ReferenceConv2Former(settings['channels'], settings['depths'],
@@ -238,7 +239,7 @@ def config_cases(args, size, batch: int) -> List[Case]:
     h, w = size
     cases = []
     variants = [('conv2former', osp.basename(args.config), cfg.model)]
-    for peer in ('deploy', 'store-all', 'native-off'):
+    for peer in ('deploy', 'store-all', 'selective', 'native-off'):
         if peer in args.peers:
             variants.append((peer, f'{osp.basename(args.config)} {peer}', cfg.model))
     if args.peer_config:
@@ -598,6 +599,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--peers', default='convnext',
                         help='comma-separated peers: convnext, reference, deploy (inference: the '
                              'switch_to_deploy() form), store-all (training: recompute=False), '
+                             "selective (training: recompute='selective', PyTorch's selective "
+                             'checkpointing instead of the explicit backward passes), '
                              "native-off (training: PyTorch's depthwise weight gradient instead of "
                              'the native kernel), or none (default convnext)')
     parser.add_argument('--peer-config',
@@ -628,15 +631,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     args.peers = [] if args.peers in ('', 'none') else [p.strip() for p in args.peers.split(',')]
-    unknown = set(args.peers) - {'convnext', 'reference', 'deploy', 'store-all', 'native-off'}
+    unknown = set(args.peers) - {'convnext', 'reference', 'deploy', 'store-all', 'selective',
+                                 'native-off'}
     if unknown:
         parser.error(f'unknown peers {sorted(unknown)}; choose from convnext, reference, deploy, '
-                     'store-all, native-off, none')
+                     'store-all, selective, native-off, none')
     if args.config and 'reference' in args.peers:
         args.peers.remove('reference')  # the reference is a bare backbone
     if 'deploy' in args.peers and (args.mode == 'train' or args.cp_memory):
         parser.error('the deploy form is for inference only (it refuses training)')
-    for peer in ('store-all', 'native-off'):
+    for peer in ('store-all', 'selective', 'native-off'):
         if peer in args.peers and args.mode != 'train':
             parser.error(f'{peer} differs from the default only in training (--mode train)')
     if args.peer_config and not args.config:
