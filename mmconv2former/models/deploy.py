@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .native import autocast_enabled, tracing
+
 #: Use oneDNN's fused "product + bias/GELU" kernels where they exist.
 USE_ONEDNN: bool = True
 #: oneDNN's fused "matrix product + GELU" pays only where its GELU is AVX-512
@@ -58,18 +60,10 @@ def _private_ops():
         return None
 
 
-def _recorded() -> bool:
-    """True while the ops are recorded rather than only run: tracing (ONNX),
-    scripting, ``torch.compile`` / ``torch.export``."""
-    is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
-    return (torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing()
-            or torch.jit.is_scripting())
-
-
 def _fast(x: torch.Tensor) -> bool:
     """Eager fp32 CPU inference outside autocast: in-place work and image groups."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled('cpu') and not _recorded())
+            and not autocast_enabled('cpu') and not tracing())
 
 
 def _onednn(x: torch.Tensor):
