@@ -18,8 +18,8 @@ Two implementations of that one policy:
   temporary forward hooks; its backward is the half's chain rule written
   out, recomputing the cheap activations. On a 2-core CPU this makes the
   Conv2Former-T training step 5-8% faster than the selective form below, whose
-  per-operator Python dispatch costs more than half as much as the
-  recomputation itself (``docs/performance.md``).
+  per-operator Python dispatch is most of the difference
+  (``docs/performance.md``).
 * **Selective** (everywhere else: GPU, autocast, ``torch.compile``): PyTorch's
   selective activation checkpointing with the policy :func:`_keep_products`.
 
