@@ -132,6 +132,17 @@ def _outputs(*modules: nn.Module):
             handle.remove()
 
 
+def _forward_keeping(ctx, module: nn.Module, x: torch.Tensor, params, keep) -> torch.Tensor:
+    """A Function's forward: ``module``'s own forward (grad is off inside a
+    Function, so it takes the plain code), saving ``x``, the outputs of the
+    ``keep`` submodules and ``params`` for the backward pass."""
+    with _outputs(*keep) as kept:
+        out = module.forward(x)
+    ctx.module = module
+    ctx.save_for_backward(x, *kept, *params)
+    return out
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -152,11 +163,7 @@ class _Modulation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, module, *params):
-        with _outputs(module.att[0], module.att, module.v) as kept:
-            out = module.forward(x)  # grad is off here: the plain code
-        ctx.module = module
-        ctx.save_for_backward(x, *kept, *params)
-        return out
+        return _forward_keeping(ctx, module, x, params, (module.att[0], module.att, module.v))
 
     @staticmethod
     @once_differentiable
@@ -189,11 +196,7 @@ class _MLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, module, *params):
-        with _outputs(module.fc1) as kept:
-            out = module.forward(x)
-        ctx.module = module
-        ctx.save_for_backward(x, *kept, *params)
-        return out
+        return _forward_keeping(ctx, module, x, params, (module.fc1,))
 
     @staticmethod
     @once_differentiable
