@@ -1,5 +1,6 @@
-"""The native depthwise weight gradient (models/native.py): the same gradients
-as PyTorch's convolution, used only where it applies, and a clean fallback."""
+"""The native kernels (models/native.py): the depthwise weight gradient and
+the MLP's backward sweep give what PyTorch gives, are used only where they
+apply, and fall back cleanly."""
 import os
 import subprocess
 import sys
@@ -9,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from mmconv2former import Conv2Former
-from mmconv2former.models import native
+from mmconv2former.models import native, recompute
 from mmconv2former.models.layers import ConvNHWC
 from test_block import relative_error
 from test_conv2former import TINY
 
 needs_kernel = pytest.mark.skipif(native.native_library() is None,
-                                  reason='no C++ compiler: the native kernel cannot be built')
+                                  reason='no C++ compiler: the native kernels cannot be built')
 
 
 def reference_grads(x, weight, bias, grad_out):
@@ -29,11 +30,15 @@ def reference_grads(x, weight, bias, grad_out):
 
 
 def count_native_calls(monkeypatch) -> list:
-    """``(channels, kernel size)`` of every native weight-gradient call."""
+    """``(channels, kernel size)`` of every depthwise weight gradient computed
+    natively: by the depthwise kernel, or (the MLP's 3x3) by the MLP kernel."""
     calls = []
     orig = native.native_weight_grad
     monkeypatch.setattr(native, 'native_weight_grad',
                         lambda x, grad, k: calls.append((x.shape[-1], k)) or orig(x, grad, k))
+    orig_mlp = recompute.mlp_backward
+    monkeypatch.setattr(recompute, 'mlp_backward', lambda f, grad, weight, bias: calls.append(
+        (f.shape[-1], weight.shape[-1])) or orig_mlp(f, grad, weight, bias))
     return calls
 
 
@@ -69,6 +74,59 @@ def test_native_weight_gradient_equals_pytorch(shape, kernel, threads, with_bias
     assert relative_error(ws.grad, ref_gw) <= 1e-5
     if with_bias:
         assert relative_error(bs.grad, ref_gb) <= 1e-5
+
+
+def mlp_middle_reference(f, grad_s, weight, bias):
+    """``s = h + GELU(DW3x3(h) + bias)``, ``h = GELU(f)``, and its gradients, by
+    autograd in float64."""
+    f = f.double().requires_grad_()
+    weight = weight.double().requires_grad_()
+    bias = (bias if bias is not None else torch.zeros(weight.shape[0])).double().requires_grad_()
+    h = F.gelu(f)
+    q = F.conv2d(h.permute(0, 3, 1, 2), weight, bias, padding=1, groups=weight.shape[0])
+    s = h + F.gelu(q.permute(0, 2, 3, 1))
+    s.backward(grad_s.double())
+    return s.detach(), f.grad, weight.grad, bias.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape', [
+    (2, 9, 13, 16), (1, 1, 1, 8), (3, 2, 5, 24), (2, 6, 1, 48), (2, 7, 7, 96), (1, 17, 11, 32)],
+    ids=str)
+@pytest.mark.parametrize('threads', [1, 3])
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_native_mlp_backward_equals_autograd(shape, threads, with_bias):
+    """The MLP kernel against float64 autograd: one-pixel and one-row maps,
+    channel counts that take each channel-block width (8, 16, 32), more
+    threads than work items, with and without the 3x3 bias."""
+    torch.manual_seed(0)
+    c = shape[-1]
+    f, grad_s = torch.randn(shape) * 2, torch.randn(shape)
+    weight = torch.randn(c, 1, 3, 3) * 0.5
+    bias = torch.randn(c) if with_bias else None
+    expected = mlp_middle_reference(f, grad_s, weight, bias)
+    assert native.mlp_backward_supported(f, weight)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        f_before = f.clone()
+        got = native.mlp_backward(f, grad_s.clone(), weight, bias)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(f, f_before)
+    for name, value, reference in zip(['s', 'grad_f', 'grad_w', 'grad_b'], got, expected):
+        assert value.dtype == torch.float32 and value.shape == reference.shape, name
+        assert relative_error(value.double(), reference) <= 2e-6, name
+
+
+@needs_kernel
+def test_native_mlp_backward_declines_what_it_does_not_compute():
+    """Float64, other kernel sizes and channel counts not a multiple of 8 stay
+    with PyTorch's operators."""
+    f = torch.randn(1, 4, 4, 16)
+    assert not native.mlp_backward_supported(f.double(), torch.randn(16, 1, 3, 3).double())
+    assert not native.mlp_backward_supported(f, torch.randn(16, 1, 5, 5))
+    assert not native.mlp_backward_supported(torch.randn(1, 4, 4, 12), torch.randn(12, 1, 3, 3))
 
 
 @needs_kernel
@@ -137,7 +195,7 @@ def test_without_a_compiler_training_falls_back_with_a_note(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         if 'CXX' in env:
             out = result.stdout + result.stderr
-            assert 'could not build the native depthwise kernel' in out and 'rejected' in out
+            assert 'could not build the native kernels' in out and 'rejected' in out
     assert cache.is_dir() and not list(cache.rglob('*.so'))  # the partial output was removed
 
 

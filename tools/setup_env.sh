@@ -162,7 +162,7 @@ try:
     # Build the CPU training kernel now rather than at the first training step;
     # without a compiler training still works, with PyTorch's slower kernel.
     from mmconv2former.models.native import native_library
-    print('  native depthwise kernel', 'ok' if native_library() else 'unavailable (see the note above)')
+    print('  native kernels', 'ok' if native_library() else 'unavailable (see the note above)')
 except Exception as exc:
     failed.append(f'mmconv2former: {type(exc).__name__}: {exc}')
 if failed:

@@ -1,4 +1,5 @@
-"""The one native kernel of the package: the depthwise weight gradient on CPU.
+"""The package's native kernels for CPU training: the depthwise weight
+gradient, and the middle of the MLP's backward pass.
 
 After the matrix products, the largest cost of a Conv2Former training step on
 CPU was oneDNN's depthwise *weight gradient*: 4-35x the time of the same
@@ -10,14 +11,20 @@ which is fast at both. See ``docs/performance.md`` for the measured
 shares, ``tools/analysis/benchmark.py --wgrad-probe`` for the kernel per
 stage and ``--mode train --peers native-off`` for its effect on a training step.
 
-The kernel is plain C++ with no PyTorch headers: it is compiled at first use
+``csrc/mlp_backward.cpp`` does, in one sweep, what the recomputing backward
+pass of the MLP (``recompute.py``) otherwise does in ten memory-bound passes
+over its 4C-wide tensors: ``GELU -> DW3x3 -> GELU -> +`` recomputed from
+``fc1``'s output, and the gradients back through them (:func:`mlp_backward`).
+
+The kernels are plain C++ with no PyTorch headers: it is compiled at first use
 with the system's C++ compiler (about 3 s) into a cache keyed by the source,
 the compiler and the CPU, and called through :mod:`ctypes` on the tensors'
-memory. Where it cannot be used -- no compiler, ``MMCONV2FORMER_NATIVE=0``,
+memory. Where they cannot be used -- no compiler, ``MMCONV2FORMER_NATIVE=0``,
 not CPU fp32, autocast, tracing or compiling (FLOP counters, ONNX and
 ``torch.compile`` see the standard convolution), an unsupported kernel size
 or channel count, or no gradient needed (:func:`native_applies`) --
-``ConvNHWC`` runs its plain ``F.conv2d``, with PyTorch's own autograd graph.
+``ConvNHWC`` runs its plain ``F.conv2d``, with PyTorch's own autograd graph,
+and the MLP's backward pass runs operator by operator.
 """
 import ctypes
 import functools
@@ -35,7 +42,8 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch.autograd.function import once_differentiable
 
-SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'depthwise_wgrad.cpp')
+SOURCES = [osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', name)
+           for name in ('depthwise_wgrad.cpp', 'mlp_backward.cpp')]
 FLAGS = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-pthread']
 
 
@@ -61,13 +69,15 @@ def _cache_dir() -> str:
 
 
 def _build(compiler: str) -> str:
-    with open(SOURCE, 'rb') as f:
-        source = f.read()
+    source = b''
+    for path in SOURCES:
+        with open(path, 'rb') as f:
+            source += f.read()
     version = subprocess.run([compiler, '--version'], capture_output=True, text=True,
                              check=True, timeout=60).stdout
     key = hashlib.sha256(source + version.encode() + ' '.join(FLAGS).encode()
                          + _cpu_id().encode()).hexdigest()[:16]
-    target = osp.join(_cache_dir(), f'depthwise_wgrad_{key}.so')
+    target = osp.join(_cache_dir(), f'mmconv2former_{key}.so')
     if osp.exists(target):
         return target
     os.makedirs(osp.dirname(target), exist_ok=True)
@@ -76,7 +86,7 @@ def _build(compiler: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix='.so', dir=osp.dirname(target))
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, SOURCE, '-o', tmp],
+        result = subprocess.run([compiler, *FLAGS, *SOURCES, '-o', tmp],
                                 capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise RuntimeError(f'{compiler} failed: {result.stderr.strip()[-800:]}')
@@ -89,26 +99,28 @@ def _build(compiler: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def native_library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, or None (with one logged reason) where it is unavailable."""
+    """The compiled kernels, or None (with one logged reason) where they are unavailable."""
     if os.environ.get('MMCONV2FORMER_NATIVE', '1') == '0':
         return None
     if platform.machine() not in ('x86_64', 'AMD64', 'aarch64', 'arm64'):
         return None
     compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
     if compiler is None:
-        print_log('Conv2Former: no C++ compiler found; depthwise weight gradients use '
-                  "PyTorch's kernel (slower CPU training). Install g++ to enable the "
-                  'native kernel.', logger='current', level=30)
+        print_log('Conv2Former: no C++ compiler found; CPU training uses PyTorch\'s '
+                  'kernels only (slower). Install g++ to enable the native kernels.',
+                  logger='current', level=30)
         return None
     try:
         lib = ctypes.CDLL(_build(compiler))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        print_log(f'Conv2Former: could not build the native depthwise kernel ({err}); '
-                  "using PyTorch's kernel instead", logger='current', level=30)
+        print_log(f'Conv2Former: could not build the native kernels ({err}); '
+                  "using PyTorch's kernels instead", logger='current', level=30)
         return None
     lib.mmc2f_dw_supported.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.mmc2f_dw_weight_grad.argtypes = [ctypes.c_void_p] * 4 + [
         ctypes.c_long] + [ctypes.c_int] * 5
+    lib.mmc2f_mlp_supported.argtypes = [ctypes.c_int]
+    lib.mmc2f_mlp_backward.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] + [ctypes.c_int] * 4
     return lib
 
 
@@ -196,6 +208,42 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Ten
     return grad_w, grad_b
 
 
+def mlp_backward_supported(f: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`mlp_backward` takes these arguments: CPU fp32, a 3x3
+    depthwise kernel, channels a multiple of 8, and the kernels built."""
+    if f.device.type != 'cpu' or f.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    lib = native_library()
+    return (lib is not None and tuple(weight.shape[1:]) == (1, 3, 3)
+            and bool(lib.mmc2f_mlp_supported(weight.shape[0])))
+
+
+def mlp_backward(f: torch.Tensor, grad_s: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The middle of the MLP, ``s = h + GELU(DW3x3(h) + bias)`` with ``h =
+    GELU(f)`` (exact GELU), and its backward pass, in one sweep by the native
+    kernel. ``f`` and ``grad_s`` (the gradient at ``s``) are ``(B, H, W, C)``;
+    returns ``s``, the gradient at ``f`` (written over ``grad_s``, which must
+    not be needed afterwards) and the weight and bias gradients (the latter
+    also where ``bias`` is None: the caller drops it)."""
+    f, grad_s = f.contiguous(), grad_s.contiguous()
+    n, h, w, channels = f.shape
+    s = torch.empty_like(f)
+    weight_hwc = weight.detach().reshape(channels, 9).t().contiguous()
+    bias = bias.detach().contiguous() if bias is not None else None
+    grad_w = f.new_zeros(9, channels)
+    grad_b = f.new_zeros(channels)
+    status = native_library().mmc2f_mlp_backward(
+        f.data_ptr(), grad_s.data_ptr(), weight_hwc.data_ptr(),
+        bias.data_ptr() if bias is not None else None, s.data_ptr(), grad_w.data_ptr(),
+        grad_b.data_ptr(), n, h, w, channels, torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f'native MLP backward rejected shape {tuple(f.shape)}; '
+                           'set MMCONV2FORMER_NATIVE=0 and report it')
+    return s, grad_s, grad_w.t().reshape(channels, 1, 3, 3), grad_b
+
+
 class _DepthwiseConvNHWC(torch.autograd.Function):
     """:func:`depthwise_forward`, with the native weight gradient."""
 
@@ -230,4 +278,5 @@ def depthwise_conv_nhwc(x: torch.Tensor, weight: torch.Tensor,
 
 
 __all__ = ['autocast_enabled', 'depthwise_conv_nhwc', 'depthwise_forward', 'depthwise_input_grad',
-           'depthwise_weight_grad', 'native_applies', 'native_library', 'native_weight_grad', 'tracing']
+           'depthwise_weight_grad', 'mlp_backward', 'mlp_backward_supported', 'native_applies',
+           'native_library', 'native_weight_grad', 'tracing']

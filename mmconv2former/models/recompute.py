@@ -42,7 +42,7 @@ from mmengine.logging import print_log
 from torch.autograd.function import once_differentiable
 
 from .native import (autocast_enabled, depthwise_forward, depthwise_input_grad,
-                     depthwise_weight_grad, tracing)
+                     depthwise_weight_grad, mlp_backward, mlp_backward_supported, tracing)
 
 aten = torch.ops.aten
 
@@ -204,27 +204,33 @@ class _MLP(torch.autograd.Function):
         m = ctx.module
         approximate = m.act.approximate
         x, f, norm_w, norm_b, fc1_w, fc1_b, pos_w, pos_b, fc2_w, fc2_b = ctx.saved_tensors
-        h = F.gelu(f, approximate=approximate)
-        q = depthwise_forward(h, pos_w, pos_b)
-        s = F.gelu(q, approximate=approximate).add_(h)
-        grad_fc2_w, grad_fc2_b = _linear_grads(grad_out, s, fc2_w)
-        del s
         grad_s = (_rows(grad_out) @ fc2_w.flatten(1)).view_as(f)
-        grad_q = aten.gelu_backward(grad_s, q, approximate=approximate)
-        del q
-        grad_pos_w, grad_pos_b = depthwise_weight_grad(h, grad_q, pos_w, pos_b is not None,
-                                                       m.pos.native_weight_grad)
-        grad_h = depthwise_input_grad(grad_q, h, pos_w).add_(grad_s)
-        del grad_s, grad_q, h
-        grad_f = aten.gelu_backward(grad_h, f, approximate=approximate)
-        del grad_h
+        if approximate == 'none' and m.pos.native_weight_grad and mlp_backward_supported(f, pos_w):
+            # GELU -> DW3x3 -> GELU -> + and back in one native sweep (native.py).
+            s, grad_f, grad_pos_w, grad_pos_b = mlp_backward(f, grad_s, pos_w, pos_b)
+            grad_fc2_w, grad_fc2_b = _linear_grads(grad_out, s, fc2_w)
+            del s, grad_s
+        else:
+            h = F.gelu(f, approximate=approximate)
+            q = depthwise_forward(h, pos_w, pos_b)
+            s = F.gelu(q, approximate=approximate).add_(h)
+            grad_fc2_w, grad_fc2_b = _linear_grads(grad_out, s, fc2_w)
+            del s
+            grad_q = aten.gelu_backward(grad_s, q, approximate=approximate)
+            del q
+            grad_pos_w, grad_pos_b = depthwise_weight_grad(h, grad_q, pos_w, pos_b is not None,
+                                                           m.pos.native_weight_grad)
+            grad_h = depthwise_input_grad(grad_q, h, pos_w).add_(grad_s)
+            del grad_s, grad_q, h
+            grad_f = aten.gelu_backward(grad_h, f, approximate=approximate)
+            del grad_h
         y, mean, rstd = aten.native_layer_norm(x, [x.shape[-1]], norm_w, norm_b, m.norm.eps)
         grad_fc1_w, grad_fc1_b = _linear_grads(grad_f, y, fc1_w)
         grad_y = (_rows(grad_f) @ fc1_w.flatten(1)).view_as(x)
         grad_x, grad_norm_w, grad_norm_b = aten.native_layer_norm_backward(
             grad_y, x, [x.shape[-1]], mean, rstd, norm_w, norm_b, [True, True, True])
         return (grad_x, None, grad_norm_w, grad_norm_b, grad_fc1_w, _bias_grad(grad_fc1_b, fc1_b),
-                grad_pos_w, grad_pos_b, grad_fc2_w, _bias_grad(grad_fc2_b, fc2_b))
+                grad_pos_w, _bias_grad(grad_pos_b, pos_b), grad_fc2_w, _bias_grad(grad_fc2_b, fc2_b))
 
 
 def modulation(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
