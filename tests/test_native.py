@@ -221,15 +221,18 @@ def test_weights_changed_in_place_are_used_by_the_next_gradient():
 
 @needs_kernel
 def test_benchmark_probe_and_native_off_peer(monkeypatch):
-    """``benchmark.py --wgrad-probe`` times both kernels at every stage; the
-    ``native-off`` peer trains without the native kernel."""
+    """``benchmark.py --wgrad-probe`` times both weight-gradient kernels at
+    every stage, and both MLP backward passes; the ``native-off`` peer trains
+    without any native kernel."""
     from test_block import load_benchmark
     benchmark = load_benchmark()
     result = benchmark.main(['--arch', 'n', '--batch', '1', '--input-size', '64', '--wgrad-probe',
                              '--repeats', '1', '--warmup', '0', '--iters', '1'])
     names = [r['name'] for r in result['wgrad_probe']]
-    assert len(names) == 4 * 2 * 2 and all(r['ms'] > 0 for r in result['wgrad_probe'])
+    assert len(names) == 4 * (2 * 2 + 2) and all(r['ms'] > 0 for r in result['wgrad_probe'])
     assert 'stage 4 dw7x7 C=512 native' in names and 'stage 1 dw3x3 C=256 PyTorch' in names
+    assert {'stage 2 dw3x3 C=512 MLP backward native',
+            'stage 2 dw3x3 C=512 MLP backward PyTorch'} <= set(names)
     calls = count_native_calls(monkeypatch)
     model = benchmark.apply_variant(Conv2Former(TINY), 'native-off').train()
     sum(o.mean() for o in model(torch.randn(1, 3, 64, 64))).backward()

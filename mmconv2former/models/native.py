@@ -12,13 +12,14 @@ shares, ``tools/analysis/benchmark.py --wgrad-probe`` for the kernel per
 stage and ``--mode train --peers native-off`` for its effect on a training step.
 
 ``csrc/mlp_backward.cpp`` does, in one sweep, what the recomputing backward
-pass of the MLP (``recompute.py``) otherwise does in ten memory-bound passes
-over its 4C-wide tensors: ``GELU -> DW3x3 -> GELU -> +`` recomputed from
-``fc1``'s output, and the gradients back through them (:func:`mlp_backward`).
+pass of the MLP (``recompute.py``) otherwise does in nine memory-bound
+operators on its 4C-wide tensors: ``GELU -> DW3x3 -> GELU -> +`` recomputed from
+``fc1``'s output, and the gradients back through them (:func:`mlp_backward`;
+``--wgrad-probe`` times it against the operators too).
 
-The kernels are plain C++ with no PyTorch headers: it is compiled at first use
-with the system's C++ compiler (about 3 s) into a cache keyed by the source,
-the compiler and the CPU, and called through :mod:`ctypes` on the tensors'
+The kernels are plain C++ with no PyTorch headers: they are compiled at first
+use with the system's C++ compiler (a few seconds) into one library, cached
+under a key of the sources, the compiler and the CPU, and called through :mod:`ctypes` on the tensors'
 memory. Where they cannot be used -- no compiler, ``MMCONV2FORMER_NATIVE=0``,
 not CPU fp32, autocast, tracing or compiling (FLOP counters, ONNX and
 ``torch.compile`` see the standard convolution), an unsupported kernel size

@@ -190,6 +190,32 @@ class _Modulation(torch.autograd.Function):
                 grad_proj_w, _bias_grad(grad_proj_b, proj_b))
 
 
+def mlp_middle_backward(grad_out: torch.Tensor, f: torch.Tensor, fc2_w: torch.Tensor,
+                        pos_w: torch.Tensor, pos_b: Optional[torch.Tensor],
+                        approximate: str = 'none', native: bool = True):
+    """The MLP's backward pass from ``fc2``'s output back to ``fc1``'s output
+    ``f``, recomputing ``s = h + GELU(pos(h))``, ``h = GELU(f)`` on the way.
+    Returns the gradient at ``f`` and the (weight, bias) gradients of ``fc2``
+    and ``pos``. With ``native``, exact GELU and a shape the kernel takes, the
+    middle is one native sweep (:func:`~.native.mlp_backward`); otherwise
+    PyTorch's operators, one by one, freeing each 4C-wide tensor early."""
+    grad_s = (_rows(grad_out) @ fc2_w.flatten(1)).view_as(f)
+    if native and approximate == 'none' and mlp_backward_supported(f, pos_w):
+        s, grad_f, grad_pos_w, grad_pos_b = mlp_backward(f, grad_s, pos_w, pos_b)
+        return grad_f, _linear_grads(grad_out, s, fc2_w), (grad_pos_w, grad_pos_b)
+    h = F.gelu(f, approximate=approximate)
+    q = depthwise_forward(h, pos_w, pos_b)
+    s = F.gelu(q, approximate=approximate).add_(h)
+    grad_fc2 = _linear_grads(grad_out, s, fc2_w)
+    del s
+    grad_q = aten.gelu_backward(grad_s, q, approximate=approximate)
+    del q
+    grad_pos = depthwise_weight_grad(h, grad_q, pos_w, pos_b is not None, native)
+    grad_h = depthwise_input_grad(grad_q, h, pos_w).add_(grad_s)
+    del grad_s, grad_q, h
+    return aten.gelu_backward(grad_h, f, approximate=approximate), grad_fc2, grad_pos
+
+
 class _MLP(torch.autograd.Function):
     """``fc2(h + act(pos(h)))``, ``h = act(fc1(norm(x)))``, keeping ``x`` and
     ``fc1``'s output."""
@@ -202,28 +228,9 @@ class _MLP(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         m = ctx.module
-        approximate = m.act.approximate
         x, f, norm_w, norm_b, fc1_w, fc1_b, pos_w, pos_b, fc2_w, fc2_b = ctx.saved_tensors
-        grad_s = (_rows(grad_out) @ fc2_w.flatten(1)).view_as(f)
-        if approximate == 'none' and m.pos.native_weight_grad and mlp_backward_supported(f, pos_w):
-            # GELU -> DW3x3 -> GELU -> + and back in one native sweep (native.py).
-            s, grad_f, grad_pos_w, grad_pos_b = mlp_backward(f, grad_s, pos_w, pos_b)
-            grad_fc2_w, grad_fc2_b = _linear_grads(grad_out, s, fc2_w)
-            del s, grad_s
-        else:
-            h = F.gelu(f, approximate=approximate)
-            q = depthwise_forward(h, pos_w, pos_b)
-            s = F.gelu(q, approximate=approximate).add_(h)
-            grad_fc2_w, grad_fc2_b = _linear_grads(grad_out, s, fc2_w)
-            del s
-            grad_q = aten.gelu_backward(grad_s, q, approximate=approximate)
-            del q
-            grad_pos_w, grad_pos_b = depthwise_weight_grad(h, grad_q, pos_w, pos_b is not None,
-                                                           m.pos.native_weight_grad)
-            grad_h = depthwise_input_grad(grad_q, h, pos_w).add_(grad_s)
-            del grad_s, grad_q, h
-            grad_f = aten.gelu_backward(grad_h, f, approximate=approximate)
-            del grad_h
+        grad_f, (grad_fc2_w, grad_fc2_b), (grad_pos_w, grad_pos_b) = mlp_middle_backward(
+            grad_out, f, fc2_w, pos_w, pos_b, m.act.approximate, m.pos.native_weight_grad)
         y, mean, rstd = aten.native_layer_norm(x, [x.shape[-1]], norm_w, norm_b, m.norm.eps)
         grad_fc1_w, grad_fc1_b = _linear_grads(grad_f, y, fc1_w)
         grad_y = (_rows(grad_f) @ fc1_w.flatten(1)).view_as(x)
@@ -248,4 +255,4 @@ def mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         module.pos.weight, module.pos.bias, module.fc2.weight, module.fc2.bias)
 
 
-__all__ = ['explicit', 'mlp', 'modulation', 'run_blocks']
+__all__ = ['explicit', 'mlp', 'mlp_middle_backward', 'modulation', 'run_blocks']

@@ -44,6 +44,7 @@ How it measures
 """
 import argparse
 import contextlib
+import functools
 import json
 import os
 import os.path as osp
@@ -465,18 +466,30 @@ def layout_probe(args, size) -> List[dict]:
 
 def wgrad_probe(args, size) -> List[dict]:
     """Time each stage's depthwise weight gradients: the native kernel
-    (``mmconv2former.models.native``) vs PyTorch's (oneDNN on CPU)."""
+    (``mmconv2former.models.native``) vs PyTorch's (oneDNN on CPU); and, for
+    the MLP, its whole backward pass between ``fc2`` and ``fc1``
+    (:func:`~mmconv2former.models.recompute.mlp_middle_backward`): one native
+    sweep vs PyTorch's operators."""
     from mmconv2former.models.native import native_library, native_weight_grad
+    from mmconv2former.models.recompute import mlp_middle_backward
     if args.device != 'cpu' or native_library() is None:
-        raise SystemExit('--wgrad-probe needs a CPU and the native kernel (a C++ compiler)')
+        raise SystemExit('--wgrad-probe needs a CPU and the native kernels (a C++ compiler)')
+    mlp_ratio = Conv2Former.parse_arch(args.arch)['mlp_ratio']
 
     def steps_for(k, width, shape):
-        weight = torch.randn(width, 1, k, k)
+        weight, bias = torch.randn(width, 1, k, k), torch.randn(width)
         x, grad = torch.randn(shape), torch.randn(shape)
-        return {'native': lambda: native_weight_grad(x, grad, k),
-                'PyTorch': lambda: torch.ops.aten.convolution_backward(
-                    grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [width], [1, 1],
-                    [k // 2, k // 2], [1, 1], False, [0, 0], width, [False, True, True])}
+        steps = {'native': lambda: native_weight_grad(x, grad, k),
+                 'PyTorch': lambda: torch.ops.aten.convolution_backward(
+                     grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, [width], [1, 1],
+                     [k // 2, k // 2], [1, 1], False, [0, 0], width, [False, True, True])}
+        if k == 3:  # the MLP's 3x3: also its whole middle, fc2 -> fc1
+            grad_out = torch.randn(*shape[:-1], width // mlp_ratio)
+            fc2_w = torch.randn(width // mlp_ratio, width, 1, 1)
+            for label, native in (('MLP backward native', True), ('MLP backward PyTorch', False)):
+                steps[label] = functools.partial(mlp_middle_backward, grad_out, x, fc2_w, weight,
+                                                 bias, native=native)
+        return steps
 
     return depthwise_probe(args, size, steps_for)
 
@@ -619,7 +632,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--layout-probe', action='store_true',
                         help='only: time the depthwise convs of each stage channels-last vs NCHW')
     parser.add_argument('--wgrad-probe', action='store_true',
-                        help="only: time each stage's depthwise weight gradients, native kernel vs PyTorch's")
+                        help="only: time each stage's depthwise weight gradients, native kernel vs "
+                             "PyTorch's, and the MLP's backward pass, native sweep vs PyTorch's operators")
     parser.add_argument('--sweep', type=int, nargs='+', metavar='SIZE',
                         help='square input sizes to sweep (e.g. 224 320 448 640 800 1024)')
     parser.add_argument('--plot', help='PNG for the sweep plot')

@@ -10,10 +10,10 @@
 //     g_q = g_s * GELU'(q)
 //     g_f = (g_s + DW3x3^T(g_q)) * GELU'(f),
 // and adds up the 3x3 weight and bias gradients. Why: done operator by
-// operator, these are ten passes over 4C-wide tensors (two GELUs, their
-// gradients, the convolution, its two gradients, two sums), memory-bound on
-// CPU; here f and g_s are read once and s and g_f written once, while h, q
-// and g_q only ever exist as three rows in cache. Rows are streamed: row t of
+// operator, these are nine operators on 4C-wide tensors (two GELUs, their
+// gradients, the convolution and its two gradients, two sums), each a
+// memory-bound pass or more on CPU; here f and g_s are read once and s and
+// g_f written once, while h, q and g_q only ever exist as three rows in cache. Rows are streamed: row t of
 // q needs rows t-1..t+1 of h, and row t-1 of g_f needs rows t-2..t of g_q.
 //
 // GELU is the exact one, x * Phi(x), with erf by Abramowitz & Stegun 7.1.26
