@@ -35,8 +35,9 @@ class ConvNHWC(nn.Conv2d):
         self.is_pointwise = (self.kernel_size == (1, 1) and self.stride == (1, 1)
                              and self.groups == 1 and self.padding in ((0, 0), 'valid'))
         # Stride-1, same-padded depthwise: trained with the native weight
-        # gradient on CPU (see models/native.py). False: PyTorch's own kernels
-        # throughout (the benchmark's ``native-off`` peer).
+        # gradient on CPU (see models/native.py); the MLP's 3x3 (``pos``) with
+        # the native backward sweep of the MLP (recompute.py). False: PyTorch's
+        # own kernels throughout (the benchmark's ``native-off`` peer).
         self.native_weight_grad = (self.kernel_size == (k, k) and k % 2 == 1 and k > 1
                                    and self.stride == (1, 1) and self.dilation == (1, 1)
                                    and self.padding == (k // 2, k // 2)

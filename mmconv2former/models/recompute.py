@@ -16,9 +16,11 @@ Two implementations of that one policy:
   Its forward is the module's own forward (every submodule is called as a
   module, so forward hooks fire); the tensors to keep are picked up with
   temporary forward hooks; its backward is the half's chain rule written
-  out, recomputing the cheap activations. On a 2-core CPU this makes the
-  Conv2Former-T training step 5-8% faster than the selective form below, whose
-  per-operator Python dispatch is most of the difference
+  out, recomputing the cheap activations; the MLP's middle (``GELU -> DW3x3
+  -> GELU -> +`` and back, :func:`mlp_middle_backward`) is one native sweep
+  where the kernel applies. On a 2-core CPU the Conv2Former-T training step is
+  about 1.2x as fast as with the selective form below, whose per-operator
+  Python dispatch and operator-by-operator MLP make the difference
   (``docs/performance.md``).
 * **Selective** (everywhere else: GPU, autocast, ``torch.compile``): PyTorch's
   selective activation checkpointing with the policy :func:`_keep_products`.

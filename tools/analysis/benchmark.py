@@ -107,7 +107,7 @@ class _Stages(nn.Module):
 def apply_variant(model: nn.Module, name: str) -> nn.Module:
     """Every Conv2Former in ``model`` as the ``deploy``, ``store-all``
     (``recompute=False``), ``selective`` (``recompute='selective'``) or
-    ``native-off`` (PyTorch's depthwise weight gradient) variant; other names
+    ``native-off`` (PyTorch's kernels instead of the native ones) variant; other names
     leave it as built."""
     for module in model.modules():
         if isinstance(module, Conv2Former):
@@ -614,8 +614,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              'switch_to_deploy() form), store-all (training: recompute=False), '
                              "selective (training: recompute='selective', PyTorch's selective "
                              'checkpointing instead of the explicit backward passes), '
-                             "native-off (training: PyTorch's depthwise weight gradient instead of "
-                             'the native kernel), or none (default convnext)')
+                             "native-off (training: PyTorch's kernels instead of the native "
+                             'ones), or none (default convnext)')
     parser.add_argument('--peer-config',
                         help='with a config: time this config\'s model as the ConvNeXt peer (e.g. '
                              'mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py)')
