@@ -59,7 +59,7 @@ if __name__ == '__main__':
         long_description_content_type='text/markdown',
         packages=find_packages(exclude=('configs', 'tools', 'tests', 'data', 'work_dirs')),
         include_package_data=True,
-        package_data={'mmconv2former': ['.mim/configs/**/*', '.mim/tools/**/*', 'models/csrc/*.cpp']},
+        package_data={'mmconv2former': ['.mim/configs/**/*', '.mim/tools/**/*', 'models/csrc/*.cpp', 'models/csrc/*.h']},
         python_requires='>=3.8',
         install_requires=read_requirements('runtime.txt'),
         extras_require={

@@ -30,15 +30,16 @@ def reference_grads(x, weight, bias, grad_out):
 
 
 def count_native_calls(monkeypatch) -> list:
-    """``(channels, kernel size)`` of every depthwise weight gradient computed
-    natively: by the depthwise kernel, or (the MLP's 3x3) by the MLP kernel."""
+    """``(kernel, channels, kernel size)`` of every depthwise weight gradient
+    computed natively: by the depthwise kernel (``'dw'``), or, for the MLP's
+    3x3, by the MLP's backward sweep (``'mlp'``)."""
     calls = []
     orig = native.native_weight_grad
     monkeypatch.setattr(native, 'native_weight_grad',
-                        lambda x, grad, k: calls.append((x.shape[-1], k)) or orig(x, grad, k))
+                        lambda x, grad, k: calls.append(('dw', x.shape[-1], k)) or orig(x, grad, k))
     orig_mlp = recompute.mlp_backward
     monkeypatch.setattr(recompute, 'mlp_backward', lambda f, grad, weight, bias: calls.append(
-        (f.shape[-1], weight.shape[-1])) or orig_mlp(f, grad, weight, bias))
+        ('mlp', f.shape[-1], weight.shape[-1])) or orig_mlp(f, grad, weight, bias))
     return calls
 
 
@@ -133,7 +134,8 @@ def test_native_mlp_backward_declines_what_it_does_not_compute():
 @pytest.mark.parametrize('recompute', [True, 'selective', False])
 def test_training_uses_the_native_kernel_and_inference_does_not(monkeypatch, recompute):
     """Every depthwise conv of every block, once per training step, with
-    every ``recompute``; none without grad, when tracing, under autocast, or
+    every ``recompute`` (the MLP's 3x3 by the MLP sweep where the explicit
+    recomputation runs); none without grad, when tracing, under autocast, or
     in float64. (Only the backward pass differs: the forward is ``F.conv2d``
     in every case.)"""
     calls = count_native_calls(monkeypatch)
@@ -141,8 +143,9 @@ def test_training_uses_the_native_kernel_and_inference_does_not(monkeypatch, rec
     x = torch.randn(2, 3, 64, 64)
     sum(o.mean() for o in model(x)).backward()
     blocks = sum(TINY['depths'])
-    assert len([s for s in calls if s[-1] == TINY['kernel_size']]) == blocks  # att.2
-    assert len([s for s in calls if s[-1] == 3]) == blocks  # pos
+    assert [s[0] for s in calls if s[-1] == TINY['kernel_size']] == ['dw'] * blocks  # att.2
+    # pos: the MLP's sweep in the explicit recomputation, the depthwise kernel otherwise
+    assert [s[0] for s in calls if s[-1] == 3] == ['mlp' if recompute is True else 'dw'] * blocks
     calls.clear()
     with torch.no_grad():
         model(x)

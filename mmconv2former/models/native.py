@@ -19,8 +19,8 @@ operators on its 4C-wide tensors: ``GELU -> DW3x3 -> GELU -> +`` recomputed from
 
 The kernels are plain C++ with no PyTorch headers: they are compiled at first
 use with the system's C++ compiler (a few seconds) into one library, cached
-under a key of the sources, the compiler and the CPU, and called through :mod:`ctypes` on the tensors'
-memory. Where they cannot be used -- no compiler, ``MMCONV2FORMER_NATIVE=0``,
+under a key of the sources, the compiler and the CPU, and called through
+:mod:`ctypes` on the tensors' memory. Where they cannot be used -- no compiler, ``MMCONV2FORMER_NATIVE=0``,
 not CPU fp32, autocast, tracing or compiling (FLOP counters, ONNX and
 ``torch.compile`` see the standard convolution), an unsupported kernel size
 or channel count, or no gradient needed (:func:`native_applies`) --
@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch.autograd.function import once_differentiable
 
-SOURCES = [osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', name)
-           for name in ('depthwise_wgrad.cpp', 'mlp_backward.cpp')]
+CSRC = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
+SOURCES = [osp.join(CSRC, name) for name in ('depthwise_wgrad.cpp', 'mlp_backward.cpp')]
+HEADERS = [osp.join(CSRC, 'common.h')]
 FLAGS = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-pthread']
 
 
@@ -71,7 +72,7 @@ def _cache_dir() -> str:
 
 def _build(compiler: str) -> str:
     source = b''
-    for path in SOURCES:
+    for path in SOURCES + HEADERS:
         with open(path, 'rb') as f:
             source += f.read()
     version = subprocess.run([compiler, '--version'], capture_output=True, text=True,

@@ -13,18 +13,13 @@
 //
 // Built at first use by mmconv2former/models/native.py (g++ -O3
 // -march=native); everything else of the convolution stays with PyTorch.
-#include <pthread.h>
-#include <stddef.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include <algorithm>
+#include "common.h"
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
-inline v8 load(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v8 v) { memcpy(p, &v, sizeof v); }
+using mmc2f::load;
+using mmc2f::store;
+using mmc2f::v8;
 
 struct Job {
   const float* x;
@@ -99,31 +94,11 @@ int mmc2f_dw_supported(int kernel_size, int channels) {
 int mmc2f_dw_weight_grad(const float* x, const float* g, float* dw, float* db,
                          long N, int H, int W, int C, int K, int num_threads) {
   if (!mmc2f_dw_supported(K, C) || N < 1 || H < 1 || W < 1) return -1;
-  const long rows = N * H;
-  const int T = static_cast<int>(std::max(1L, std::min<long>({static_cast<long>(num_threads), rows, 64L})));
-  const size_t part = static_cast<size_t>(K) * K * C + C;
-  float* scratch = T > 1 ? static_cast<float*>(calloc(part * (T - 1), sizeof(float))) : nullptr;
-  const int threads = scratch ? T : 1;
-  Job jobs[64];
-  pthread_t tids[64];
-  for (int t = 0; t < threads; ++t) {
-    float* own_dw = t == 0 ? dw : scratch + part * (t - 1);
-    float* own_db = t == 0 ? db : own_dw + static_cast<size_t>(K) * K * C;
-    jobs[t] = Job{x, g, own_dw, own_db, rows * t / threads, rows * (t + 1) / threads, H, W, C, K};
-  }
-  int started = 1;
-  for (int t = 1; t < threads; ++t, ++started)
-    if (pthread_create(&tids[t], nullptr, run, &jobs[t]) != 0) break;
-  for (int t = started; t < threads; ++t) run(&jobs[t]);  // could not start a thread: run here
-  run(&jobs[0]);
-  for (int t = 1; t < started; ++t) pthread_join(tids[t], nullptr);
-  for (int t = 1; t < threads; ++t) {
-    const float* part_dw = scratch + part * (t - 1);
-    for (size_t e = 0; e < static_cast<size_t>(K) * K * C; ++e) dw[e] += part_dw[e];
-    for (int c = 0; c < C; ++c) db[c] += part_dw[static_cast<size_t>(K) * K * C + c];
-  }
-  free(scratch);
-  return 0;
+  return mmc2f::run_summing<Job>(
+      N * H, num_threads, dw, static_cast<size_t>(K) * K * C, db, C, run,
+      [=](long r0, long r1, float* own_dw, float* own_db) {
+        return Job{x, g, own_dw, own_db, r0, r1, H, W, C, K};
+      });
 }
 
 }  // extern "C"

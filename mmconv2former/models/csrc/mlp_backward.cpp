@@ -21,19 +21,14 @@
 // uses -- and exp by Cody-Waite reduction with Cephes' polynomial.
 //
 // Built at first use with depthwise_wgrad.cpp by mmconv2former/models/native.py.
-#include <pthread.h>
-#include <stddef.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include <algorithm>
+#include "common.h"
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
+using mmc2f::load;
+using mmc2f::store;
+using mmc2f::v8;
 typedef int i8 __attribute__((vector_size(32)));
-inline v8 load(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v8 v) { memcpy(p, &v, sizeof v); }
 inline v8 splat(float a) { return v8{a, a, a, a, a, a, a, a}; }
 
 // exp(x) for x <= 0 (here always -x^2/2).
@@ -95,17 +90,12 @@ void run_item(const Job& job, long item, float* scratch) {
   float* g = job.g + n * H * row + c0;
   float* s = job.s + n * H * row + c0;
   const float* w = job.w + c0;
-  float* zero = scratch;
-  float* h_ring = zero + padded;
+  // scratch comes zeroed, and only the inner columns of the rings are ever
+  // written: the zero row and the rings' padding columns stay zero.
+  const float* zero = scratch;
+  float* h_ring = scratch + padded;
   float* q_ring = h_ring + 3 * padded;  // g_q rows
   float* slope_ring = q_ring + 3 * padded;  // GELU'(f) rows
-  memset(zero, 0, padded * sizeof(float));
-  for (int k = 0; k < 3; ++k) {  // zero the padding columns
-    for (float* ring : {h_ring, q_ring}) {
-      memset(ring + k * padded, 0, CB * sizeof(float));
-      memset(ring + k * padded + (W + 1) * CB, 0, CB * sizeof(float));
-    }
-  }
   auto h_row = [&](int r) -> const float* { return r < 0 || r >= H ? zero : h_ring + (r % 3) * padded; };
   auto q_row = [&](int r) -> const float* { return r < 0 || r >= H ? zero : q_ring + (r % 3) * padded; };
   auto compute_h = [&](int r) {
@@ -176,7 +166,8 @@ void run_item(const Job& job, long item, float* scratch) {
 void* run(void* arg) {
   const Job& job = *static_cast<Job*>(arg);
   const size_t padded = static_cast<size_t>(job.W + 2) * job.CB;
-  float* scratch = static_cast<float*>(malloc((7 * padded + 3 * static_cast<size_t>(job.W) * job.CB) * sizeof(float)));
+  float* scratch = static_cast<float*>(
+      calloc(7 * padded + 3 * static_cast<size_t>(job.W) * job.CB, sizeof(float)));
   if (scratch == nullptr) return arg;  // reported as a failure
   for (long item = job.item0; item < job.item1; ++item) run_item(job, item, scratch);
   free(scratch);
@@ -198,36 +189,11 @@ int mmc2f_mlp_backward(const float* f, float* g, const float* w, const float* b,
   // Channel blocks of 32 (128-byte runs of each pixel) keep the nine rows in
   // flight per block within L2 for maps up to a few hundred pixels wide.
   const int CB = C % 32 == 0 ? 32 : C % 16 == 0 ? 16 : 8;
-  const long items = N * (C / CB);
-  const int T = static_cast<int>(std::max(1L, std::min<long>({static_cast<long>(num_threads), items, 64L})));
-  const size_t part = static_cast<size_t>(10) * C;
-  float* partial = T > 1 ? static_cast<float*>(calloc(part * (T - 1), sizeof(float))) : nullptr;
-  const int threads = partial ? T : 1;
-  Job jobs[64];
-  pthread_t tids[64];
-  for (int t = 0; t < threads; ++t) {
-    float* own = t == 0 ? nullptr : partial + part * (t - 1);
-    jobs[t] = Job{f, g, w, b, s, t == 0 ? dw : own, t == 0 ? db : own + 9 * C,
-                  items * t / threads, items * (t + 1) / threads, H, W, C, CB};
-  }
-  int started = 1;
-  for (int t = 1; t < threads; ++t, ++started)
-    if (pthread_create(&tids[t], nullptr, run, &jobs[t]) != 0) break;
-  bool failed = false;
-  for (int t = started; t < threads; ++t) failed |= run(&jobs[t]) != nullptr;
-  failed |= run(&jobs[0]) != nullptr;
-  for (int t = 1; t < started; ++t) {
-    void* result = nullptr;
-    pthread_join(tids[t], &result);
-    failed |= result != nullptr;
-  }
-  for (int t = 1; t < threads; ++t) {
-    const float* own = partial + part * (t - 1);
-    for (size_t e = 0; e < static_cast<size_t>(9) * C; ++e) dw[e] += own[e];
-    for (int c = 0; c < C; ++c) db[c] += own[9 * C + c];
-  }
-  free(partial);
-  return failed ? -1 : 0;
+  return mmc2f::run_summing<Job>(
+      N * (C / CB), num_threads, dw, static_cast<size_t>(9) * C, db, C, run,
+      [=](long item0, long item1, float* own_dw, float* own_db) {
+        return Job{f, g, w, b, s, own_dw, own_db, item0, item1, H, W, C, CB};
+      });
 }
 
 }  // extern "C"
