@@ -15,7 +15,52 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import torch.nn as nn  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
+
 import mmconv2former  # noqa: E402,F401  (registers the modules)
+
+#: The one tiny architecture the tests build: every stage present, stage 1
+#: and 2 with more than one block (layer-wise decay, stochastic depth), an odd
+#: kernel larger than 3 (the large-kernel depthwise path), sides small enough
+#: that a model builds and runs in milliseconds. Tests that need another shape
+#: derive it (``dict(TINY, depths=[1, 1, 1, 1])``) where they use it.
+TINY = dict(channels=[16, 32, 48, 64], depths=[1, 2, 3, 1], kernel_size=5)
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights everywhere, including layer scales and norms, so that
+    every branch contributes to the output (the 1e-6 layer scale would hide
+    a wrong block)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'layer_scale' in name or name.endswith('norm.weight') or '.0.weight' in name and p.dim() == 1:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` in the Frobenius norm."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_scope():
+    """mmengine's default scope is process-global: a test (or the library
+    code it calls) that creates one would otherwise decide which registry the
+    next test's ``type=`` names resolve in. mmengine has no public way to drop
+    an instance, so the instance table is restored as it was."""
+    saved = dict(DefaultScope._instance_dict)
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(saved)
 
 
 def pytest_configure(config):
