@@ -1,8 +1,10 @@
 """Packaging for mmconv2former.
 
 Like OpenMMLab's ``.mim`` layout, ``configs/`` and ``tools/`` are installed
-beside the package (as ``mmconv2former/.mim/``) so that an installed, non-editable
-copy can still resolve ``mmconv2former::`` config paths.
+beside the package (as ``mmconv2former/.mim/``), so that a non-editable install
+still carries them. mmengine resolves ``package::path`` config names only for
+its fixed list of OpenMMLab packages, so ``mmconv2former::`` names do not
+resolve; a user's config inherits ours by file path (see the README).
 """
 import os
 import os.path as osp
@@ -59,7 +61,7 @@ if __name__ == '__main__':
         long_description_content_type='text/markdown',
         packages=find_packages(exclude=('configs', 'tools', 'tests', 'data', 'work_dirs')),
         include_package_data=True,
-        package_data={'mmconv2former': ['.mim/configs/**/*', '.mim/tools/**/*', 'models/csrc/*.cpp', 'models/csrc/*.h']},
+        package_data={'mmconv2former': ['.mim/configs/**/*', '.mim/tools/**/*']},
         python_requires='>=3.8',
         install_requires=read_requirements('runtime.txt'),
         extras_require={

@@ -51,6 +51,25 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def release_pair(arch: dict = TINY, **kwargs):
+    """The release-style reference with random weights, and our backbone
+    (without output norms, which the release lacks) holding the same weights."""
+    from mmconv2former import Conv2Former
+    from reference import ReferenceConv2Former
+    ref = randomise(ReferenceConv2Former(**arch)).eval()
+    ours = Conv2Former(arch, out_norm=False, **kwargs).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items()
+                          if not k.startswith(('head.', 'pred.'))})
+    return ours, ref
+
+
+def assert_matches(outs, ref_outs, atol: float = 1e-4) -> None:
+    """Feature maps equal within ``atol``, and not trivially (all near zero)."""
+    for ours, theirs in zip(outs, ref_outs):
+        assert theirs.abs().max() > 0.1  # the comparison is not between zeros
+        assert (ours - theirs).abs().max() <= atol
+
+
 @pytest.fixture(autouse=True)
 def _restore_default_scope():
     """mmengine's default scope is process-global: a test (or the library
@@ -99,3 +118,21 @@ def release_checkpoint(tmp_path):
         return write_release_checkpoint(str(tmp_path / name), state, ema_state, **extra)
     return make
 
+
+def load_tool(path: str):
+    """The script ``tools/<path>`` (``'model_converters/conv2former_to_mm.py'``)
+    as a module: tools/ is a folder of scripts, not a package."""
+    import importlib.util
+    name = osp.splitext(osp.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, 'tools', path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='session')
+def coco_demo(tmp_path_factory) -> str:
+    """A small COCO-format demo set (8 training, 4 validation images), written
+    once per run; tests that damage files work on a copy."""
+    from mmconv2former.demo.coco import generate_coco_demo
+    return generate_coco_demo(str(tmp_path_factory.mktemp('coco_demo')), num_train=8, num_val=4, seed=3)

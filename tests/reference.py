@@ -1,11 +1,10 @@
-"""A plain, release-style Conv2Former used as a numerical and speed reference.
+"""A plain, release-style Conv2Former used as the tests' numerical reference.
 
 Written from the paper's and release's description, not for use in training:
 NCHW everywhere, ``nn.Conv2d`` for every layer and the hand-written channel
 LayerNorm (mean / variance / sqrt) that the authors' code uses. Its parameter
 names equal the release's, classifier included, so a release state dict loads
-into it with ``strict=True``. Tests compare our backbone and classifier with it;
-``tools/analysis/benchmark.py`` times it as the "plain" peer.
+into it with ``strict=True``. Tests compare our backbone and classifier with it.
 """
 from typing import Sequence
 

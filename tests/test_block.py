@@ -4,58 +4,25 @@ The block is the paper's formula with every submodule called as a module; it
 keeps no state derived from its weights, so every way users change weights
 (optimiser steps, ``load_state_dict``, mmengine's EMA swap and mmdet's
 mean-teacher update, both through ``.data``) is seen by the next forward.
-Training recomputes the cheap activations (``recompute=True``): gradients
-must equal the plain path's, with less memory.
+Training recomputes the cheap activations (``recompute=True``, PyTorch's
+selective checkpointing): gradients must equal the plain path's, with less
+memory, forward hooks that replace outputs included.
 """
-import importlib.util
-import os.path as osp
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn as nn
+from types import SimpleNamespace
 
+from conftest import TINY, assert_matches, randomise, relative_error
+from conftest import release_pair as pair
 from mmconv2former import Conv2Former
+from mmconv2former.analysis import peak_memory
+from mmconv2former.models import conv2former
 from mmconv2former.models.conv2former import Conv2FormerBlock
-from mmconv2former.models.reference import ReferenceConv2Former
-from test_conv2former import TINY, randomise
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-def pair(arch=TINY, **kwargs):
-    """A reference with random weights and our backbone holding the same weights."""
-    ref = randomise(ReferenceConv2Former(**arch)).eval()
-    ours = Conv2Former(arch, out_norm=False, **kwargs).eval()
-    ours.load_state_dict(backbone_state(ref))
-    return ours, ref
-
-
-def backbone_state(ref: nn.Module) -> dict:
-    return {k: v for k, v in ref.state_dict().items() if not k.startswith(('head.', 'pred.'))}
-
-
-def assert_matches(outs, ref_outs, atol=1e-4):
-    for ours, theirs in zip(outs, ref_outs):
-        assert theirs.abs().max() > 0.1  # the comparison is not between zeros
-        assert (ours - theirs).abs().max() <= atol
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        'benchmark', osp.join(ROOT, 'tools', 'analysis', 'benchmark.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------- hooks
-MODES = {'train': dict(recompute=False), 'train-recompute': {},
-         'train-selective': dict(recompute='selective'), 'train-with_cp': dict(with_cp=True),
+MODES = {'train': dict(recompute=False), 'train-recompute': {}, 'train-with_cp': dict(with_cp=True),
          'eval': {}, 'no_grad': {}}
 
 
@@ -185,8 +152,7 @@ def train_pair(drop_path_rate=0.0, **kwargs):
     return plain, other
 
 
-@pytest.mark.parametrize('kwargs', [dict(recompute=True), dict(recompute='selective'), dict(with_cp=True)],
-                         ids=['recompute', 'selective', 'with_cp'])
+@pytest.mark.parametrize('kwargs', [dict(recompute=True), dict(with_cp=True)], ids=['recompute', 'with_cp'])
 @pytest.mark.parametrize('drop_path_rate', [0.0, 0.3])
 def test_recomputation_gives_the_plain_gradients(kwargs, drop_path_rate):
     """fp32 gradients of every parameter, and of the input, within 1e-5
@@ -213,119 +179,127 @@ def assert_same_gradients(plain, other, x, tol, frozen=()):
         assert relative_error(grads[1][name], grad) <= tol, name
 
 
-@pytest.mark.parametrize('variant', ['float64', 'tanh-gelu', 'native-off', 'frozen-norms'])
-def test_explicit_backward_passes_equal_autograd(variant):
-    """The hand-written backward passes of ``models/recompute.py`` against
-    autograd on the plain blocks: to 1e-10 in float64 (so a wrong term cannot
-    hide in rounding), and with the other GELU, PyTorch's depthwise weight
-    gradient, and frozen parameters (no gradient, the others unchanged)."""
-    from mmconv2former.models.layers import ConvNHWC
-    plain, other = train_pair()
-    frozen = ()
+def replacing_hooks(model: nn.Module) -> None:
+    """Forward hooks that *replace* outputs, as fake quantisation, pruning
+    masks and feature editing do, on submodules inside the recomputed blocks."""
+    model.stages[0][0].attn.v.register_forward_hook(lambda m, args, out: 2 * out)
+    model.stages[0][0].mlp.fc1.register_forward_hook(lambda m, args, out: out.clamp(max=0.1))
+    model.stages[2][1].mlp.pos.register_forward_hook(lambda m, args, out: out.round())
+
+
+@pytest.mark.parametrize('kwargs', [{}, dict(with_cp=True)], ids=['default', 'with_cp'])
+def test_output_replacing_hooks_get_the_plain_gradients(kwargs):
+    """In the default configuration (``recompute=True``) the backward pass is
+    autograd's through the hooked modules, so the hooks' replacements are
+    differentiated exactly as with ``recompute=False``."""
+    plain, other = train_pair(**kwargs)
+    with torch.no_grad():  # layer scales large enough that the hooked blocks matter
+        for model in (plain, other):
+            for name, p in model.named_parameters():
+                if 'layer_scale' in name:
+                    p.fill_(0.5)
     for model in (plain, other):
-        if variant == 'float64':
-            model.double()
-        for name, module in model.named_modules():
-            if variant == 'tanh-gelu' and isinstance(module, nn.GELU):
-                module.approximate = 'tanh'
-            if variant == 'native-off' and isinstance(module, ConvNHWC):
-                module.native_weight_grad = False
-        if variant == 'frozen-norms':
-            frozen = tuple(n for n, p in model.named_parameters() if '.norm.' in n or 'att.0' in n)
-            for n, p in model.named_parameters():
-                p.requires_grad_(n not in frozen)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64 if variant == 'float64' else torch.float32)
-    assert_same_gradients(plain, other, x, tol=1e-10 if variant == 'float64' else 1e-5, frozen=frozen)
+        replacing_hooks(model)
+    x = torch.randn(2, 3, 64, 64)
+    assert_same_gradients(plain, other, x, tol=1e-5)
+    unhooked = train_pair()[0]
+    unhooked.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # the hooks really change the model
+        assert (unhooked(x)[0] - plain(x)[0]).abs().max() > 1e-3
+
+
+def test_recomputed_blocks_support_double_backward():
+    """A gradient penalty differentiates the gradient: non-reentrant
+    checkpointing records a differentiable graph for it."""
+    arch = dict(TINY, depths=[1, 1, 1, 1])
+    penalties = []
+    for kwargs in (dict(recompute=False), {}):
+        torch.manual_seed(0)
+        model = randomise(Conv2Former(arch, **kwargs)).train()
+        x = torch.randn(2, 3, 64, 64, requires_grad=True)
+        grad, = torch.autograd.grad(sum(o.square().mean() for o in model(x)), x, create_graph=True)
+        penalty = grad.square().sum()
+        penalty.backward()
+        penalties.append((penalty.detach(), model.stages[1][0].mlp.fc1.weight.grad.clone()))
+    torch.testing.assert_close(penalties[1][0], penalties[0][0], rtol=1e-5, atol=0)
+    assert relative_error(penalties[1][1], penalties[0][1]) <= 1e-4
 
 
 def test_recomputation_stores_less_and_keeps_with_cp_least():
-    """Peak activation memory of a training step: recomputation (explicit or
-    selective) below 60% of storing everything; full checkpointing
-    (``with_cp``) lower still. Two blocks per stage: with one, the peak is
-    that block's own backward pass, which full checkpointing does not shrink."""
-    benchmark = load_benchmark()
+    """Peak activation memory of a training step: recomputation below 60% of
+    storing everything; full checkpointing (``with_cp``) lower still. Two
+    blocks per stage: with one, the peak is that block's own backward pass,
+    which full checkpointing does not shrink."""
     x = torch.randn(4, 3, 96, 96)
     arch = dict(TINY, depths=[2, 2, 2, 2])
     peaks = {}
-    for name, kwargs in [('plain', dict(recompute=False)), ('recompute', {}),
-                         ('selective', dict(recompute='selective')), ('with_cp', dict(with_cp=True))]:
+    for name, kwargs in [('plain', dict(recompute=False)), ('recompute', {}), ('with_cp', dict(with_cp=True))]:
         model = Conv2Former(arch, **kwargs).train()
 
         def step():
             sum(o.mean() for o in model(x)).backward()
             model.zero_grad(set_to_none=True)
         step()
-        peaks[name] = benchmark.peak_memory(step, 'cpu')
+        peaks[name] = peak_memory(step, 'cpu')
     assert peaks['recompute'] < 0.6 * peaks['plain'], peaks
-    assert peaks['selective'] < 0.6 * peaks['plain'], peaks
-    assert peaks['with_cp'] < min(peaks['recompute'], peaks['selective']), peaks
+    assert peaks['with_cp'] < peaks['recompute'], peaks
 
 
-def count_calls(monkeypatch) -> dict:
-    """Calls of torch's checkpoint (with their ``context_fn``) and of the
-    explicit recomputation's Functions."""
-    from mmconv2former.models import recompute
-    calls = {'checkpoint': [], 'explicit': 0}
+def count_checkpoints(monkeypatch) -> list:
+    """The ``context_fn`` of every call of torch's checkpoint."""
+    calls = []
     orig = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, 'checkpoint',
-                        lambda *a, **k: calls['checkpoint'].append(k.get('context_fn')) or orig(*a, **k))
-    for name in ('modulation', 'mlp'):
-        orig_fn = getattr(recompute, name)
-
-        def counted(*a, _orig=orig_fn, **k):
-            calls['explicit'] += 1
-            return _orig(*a, **k)
-        monkeypatch.setattr(recompute, name, counted)
+                        lambda *a, **k: calls.append(k.get('context_fn')) or orig(*a, **k))
     return calls
 
 
-def test_recompute_is_for_training_only_and_explicit_on_cpu(monkeypatch):
+def test_recompute_is_for_training_only_and_the_same_under_autocast(monkeypatch):
     """Eval mode, or autograd off, runs the blocks plainly (nothing to store);
-    CPU training takes the explicit form (both halves of every block);
-    ``'selective'``, and CPU autocast, take torch's selective checkpointing."""
-    calls = count_calls(monkeypatch)
+    training checkpoints every block selectively, with and without autocast;
+    ``recompute=False`` stores everything."""
+    calls = count_checkpoints(monkeypatch)
     blocks = sum(TINY['depths'])
     model = Conv2Former(TINY).eval()
     model(torch.randn(1, 3, 64, 64))
     with torch.no_grad():
         model.train()(torch.randn(2, 3, 64, 64))
-    assert calls == {'checkpoint': [], 'explicit': 0}
+    assert calls == []
     model.train()(torch.randn(2, 3, 64, 64))
-    assert calls == {'checkpoint': [], 'explicit': 2 * blocks}
-    model.recompute = 'selective'
-    model(torch.randn(2, 3, 64, 64))
-    assert len(calls['checkpoint']) == blocks and all(c is not None for c in calls['checkpoint'])
-    model.recompute = True
+    assert len(calls) == blocks and all(c is not None for c in calls)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         model(torch.randn(2, 3, 64, 64))
-    assert len(calls['checkpoint']) == 2 * blocks and calls['explicit'] == 2 * blocks
+    assert len(calls) == 2 * blocks and all(c is not None for c in calls)
+    Conv2Former(TINY, recompute=False).train()(torch.randn(2, 3, 64, 64))
+    assert len(calls) == 2 * blocks
 
 
-def test_recompute_rejects_unknown_values():
-    with pytest.raises(ValueError, match="True, False or 'selective'"):
-        Conv2Former(TINY, recompute='explicit')
+@pytest.mark.parametrize('value, text', [('selective', 'recompute=True now does'),
+                                         ('explicit', 'True or False'), (1, 'True or False')])
+def test_recompute_rejects_other_values(value, text):
+    with pytest.raises(ValueError, match=text):
+        Conv2Former(TINY, recompute=value)
 
 
 def test_without_selective_checkpointing_recompute_falls_back_to_plain(monkeypatch):
-    """On a torch without ``create_selective_checkpoint_contexts`` (< 2.4) the
-    selective form runs the blocks plainly (no checkpointing at all) and
+    """On a torch without ``create_selective_checkpoint_contexts`` (< 2.4)
+    ``recompute=True`` runs the blocks plainly (no checkpointing at all) and
     trains as before."""
-    from mmconv2former.models import recompute
     monkeypatch.delattr(torch.utils.checkpoint, 'create_selective_checkpoint_contexts')
-    recompute._selective_context.cache_clear()
-    calls = count_calls(monkeypatch)
+    conv2former._selective_context.cache_clear()
+    calls = count_checkpoints(monkeypatch)
     try:
-        plain, other = train_pair(recompute='selective')
+        plain, other = train_pair()
         x = torch.randn(2, 3, 64, 64)
         outs = [plain(x), other(x)]
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b)
-        assert calls == {'checkpoint': [], 'explicit': 0}
+        assert calls == []
         sum(o.mean() for o in outs[1]).backward()
         assert all(p.grad is not None for p in other.parameters())
     finally:
         monkeypatch.undo()
-        recompute._selective_context.cache_clear()
+        conv2former._selective_context.cache_clear()
 
 
 # ---------------------------------------------------------------------------- tracers and compilers
@@ -408,19 +382,3 @@ def test_drop_path_is_random_in_training():
     x = torch.randn(8, 4, 4, 16)
     kept = [(block(x) - x).flatten(1).abs().sum(1) for _ in range(2)]
     assert not torch.equal(kept[0], kept[1])
-
-
-def test_benchmark_cpu_peak_memory_counts_what_is_live_at_once():
-    """The benchmark's CPU peak (torch.profiler allocation events) on a known pattern."""
-    benchmark = load_benchmark()
-    existing = torch.ones(4_000_000)  # live before the step: not counted
-
-    def step():
-        a = torch.ones(1_000_000)
-        b = torch.ones(2_000_000)
-        del a
-        c = torch.ones(3_000_000)
-        return b.sum() + c.sum() + existing[0]
-
-    peak = benchmark.peak_memory(step, 'cpu')
-    assert abs(peak - 5_000_000 * 4) <= 1024  # b and c together, a already freed

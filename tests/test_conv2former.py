@@ -8,9 +8,8 @@ import torch.nn as nn
 from mmconv2former import Conv2Former
 from mmconv2former.checkpoint import CheckpointMismatchError
 from mmconv2former.models.layers import LayerNorm2d
-from mmconv2former.models.reference import ReferenceChannelNorm, ReferenceConv2Former
-
-TINY = dict(channels=[16, 32, 48, 64], depths=[1, 2, 3, 1], kernel_size=5)
+from conftest import TINY, randomise
+from reference import ReferenceChannelNorm, ReferenceConv2Former
 
 # The release's backbone without classifier (head.*, pred.*) and without our
 # optional output norms, in millions of parameters.
@@ -19,24 +18,6 @@ RELEASE_BACKBONE_PARAMS = {'n': 13.05, 't': 24.68, 's': 48.01, 'b': 87.76, 'b_22
 
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights everywhere, including layer scales and norms, so that
-    every branch contributes to the output (the 1e-6 layer scale would hide
-    a wrong block)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'layer_scale' in name or name.endswith('norm.weight') or '.0.weight' in name and p.dim() == 1:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return model
 
 
 @pytest.mark.parametrize('arch', list(RELEASE_BACKBONE_PARAMS))

@@ -27,9 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--out', help='dump predictions to a .pkl file for offline evaluation')
     parser.add_argument('--show-dir', help='save images with predictions drawn into this directory')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
-    parser.add_argument('--deploy', action='store_true',
-                        help="evaluate with Conv2Former's fast inference form (switch_to_deploy(): "
-                             'layer scales and the stem BatchNorm folded, faster CPU inference)')
+    parser.add_argument('--switch-to-deploy', '--deploy', dest='switch_to_deploy', action='store_true',
+                        help="evaluate with Conv2Former's folded inference form (switch_to_deploy(): "
+                             'layer scales and the stem BatchNorm folded into the weights)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, key=value')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
         enable_drawing(cfg, library, args.show_dir)
     if args.tta:
         apply_tta(cfg, library)
-    if args.deploy:
+    if args.switch_to_deploy:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='SwitchToDeployHook')]
     runner = build_runner(cfg)
     from mmconv2former.checkpoint import check_model_checkpoint

@@ -12,8 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .native import depthwise_conv_nhwc, native_applies
-
 
 class ConvNHWC(nn.Conv2d):
     """``nn.Conv2d`` whose input and output are channels-last ``(B, H, W, C)``.
@@ -24,31 +22,17 @@ class ConvNHWC(nn.Conv2d):
     (depthwise, patch merging) run as ``F.conv2d`` on a channels-last strided
     view, which oneDNN and cuDNN consume without a copy. (Measured on x86 CPUs:
     oneDNN's NCHW depthwise kernels are faster at some stages alone, but
-    slower everywhere once the two layout conversions are paid for.) When a
-    depthwise convolution is trained on CPU, its weight gradient comes from
-    :mod:`mmconv2former.models.native`; its forward pass is this one.
+    slower everywhere once the two layout conversions are paid for.)
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        k = self.kernel_size[0]
         self.is_pointwise = (self.kernel_size == (1, 1) and self.stride == (1, 1)
                              and self.groups == 1 and self.padding in ((0, 0), 'valid'))
-        # Stride-1, same-padded depthwise: trained with the native weight
-        # gradient on CPU (see models/native.py); the MLP's 3x3 (``pos``) with
-        # the native backward sweep of the MLP (recompute.py). False: PyTorch's
-        # own kernels throughout (the benchmark's ``native-off`` peer).
-        self.native_weight_grad = (self.kernel_size == (k, k) and k % 2 == 1 and k > 1
-                                   and self.stride == (1, 1) and self.dilation == (1, 1)
-                                   and self.padding == (k // 2, k // 2)
-                                   and self.padding_mode == 'zeros'
-                                   and self.groups == self.in_channels == self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_pointwise:
             return F.linear(x, self.weight.flatten(1), self.bias)
-        if self.native_weight_grad and native_applies(x, self.weight):
-            return depthwise_conv_nhwc(x, self.weight, self.bias)
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
