@@ -1,5 +1,5 @@
-"""ONNX export (mmconv2former.deployment, tools/deployment/export_onnx.py):
-one model of each kind exported and run in onnxruntime against PyTorch, dynamic
+"""ONNX export (mmconv2former.export, tools/deployment/export_onnx.py): one
+model of each kind exported and run in onnxruntime against PyTorch, dynamic
 sizes (multiples of 32 and not), the errors for what cannot be exported, and
 the segmentation demo's model end to end. Skipped without the deploy extras
 (requirements/deploy.txt)."""
@@ -10,24 +10,25 @@ import os.path as osp
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY, randomise
 
 pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
 
-from mmconv2former import deployment as dep  # noqa: E402
+from mmconv2former.export import (ExportError, ExportSpec, build_spec,  # noqa: E402
+                                  export_onnx, load_images, load_model, verify)
 
 _spec = importlib.util.spec_from_file_location(
     'export_onnx', osp.join(ROOT, 'tools', 'deployment', 'export_onnx.py'))
 tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tool)
 
-TINY = dict(channels=[16, 32, 64, 128], depths=[1, 1, 1, 1], kernel_size=7)
 DEMO = osp.join(ROOT, 'configs', 'demo')
 CLS_CONFIG = osp.join(DEMO, 'conv2former-n_1xb32_shapes-demo.py')
 SEG_CONFIG = osp.join(DEMO, 'upernet_conv2former-n_demo.py')
 MASK_RCNN_CONFIG = osp.join(DEMO, 'mask-rcnn_conv2former-n_fpn_demo.py')
 RETINANET_CONFIG = osp.join(ROOT, 'configs', 'retinanet', 'retinanet_conv2former-t_fpn_1x_coco.py')
+CHANNELS = TINY['channels']
 
 
 # Small versions of each config: the tiny arch, heads sized to it. Functions,
@@ -37,38 +38,42 @@ def tiny() -> dict:
 
 
 def cls_options() -> dict:
-    return {'model.backbone.arch': tiny(), 'model.neck.in_channels': 128}
+    return {'model.backbone.arch': tiny(), 'model.neck.in_channels': CHANNELS[3]}
 
 
 def seg_options() -> dict:
-    return {'model.backbone.arch': tiny(), 'model.decode_head.in_channels': [16, 32, 64, 128],
-            'model.decode_head.channels': 16, 'model.auxiliary_head.in_channels': 64,
+    return {'model.backbone.arch': tiny(), 'model.decode_head.in_channels': CHANNELS,
+            'model.decode_head.channels': 16, 'model.auxiliary_head.in_channels': CHANNELS[2],
             'model.auxiliary_head.channels': 16}
 
 
 def mask_rcnn_options() -> dict:
-    return {'model.backbone.arch': tiny(), 'model.neck.in_channels': [16, 32, 64, 128],
+    return {'model.backbone.arch': tiny(), 'model.neck.in_channels': CHANNELS,
             'model.neck.out_channels': 32, 'model.rpn_head.in_channels': 32,
             'model.rpn_head.feat_channels': 32}
 
 
 def retinanet_options() -> dict:
     return {'model.backbone.arch': tiny(), 'model.backbone.init_cfg': None,
-            'model.neck.in_channels': [32, 64, 128], 'model.neck.out_channels': 32,
+            'model.neck.in_channels': CHANNELS[1:], 'model.neck.out_channels': 32,
             'model.bbox_head.in_channels': 32, 'model.bbox_head.feat_channels': 32,
             'model.bbox_head.num_classes': 3}
 
 
 def save_checkpoint(config: str, options: dict, path: str, seed: int = 0) -> str:
-    """A checkpoint of the freshly initialised model, as a trained one is laid out."""
-    from mmengine.registry import MODELS, init_default_scope
+    """A checkpoint of the freshly initialised model, as a trained one is laid
+    out; the backbone's weights random throughout, so that every block (not
+    only the 1e-6 layer scales' near-identity) reaches the outputs compared."""
+    from mmengine.registry import DefaultScope
 
-    from mmconv2former.engine.runtime import detect_library, load_config
+    from mmconv2former.engine.runtime import detect_library, library_models, load_config
     cfg = load_config(config, copy.deepcopy(options))
-    init_default_scope(detect_library(cfg))
+    library = detect_library(cfg)
     torch.manual_seed(seed)
-    model = MODELS.build(cfg.model)
+    with DefaultScope.overwrite_default_scope(library):
+        model = library_models(library).build(cfg.model)
     model.init_weights()
+    randomise(model.backbone, seed)
     torch.save({'state_dict': model.state_dict(),
                 'meta': {'dataset_meta': {'classes': ('a', 'b', 'c')}}}, path)
     return path
@@ -77,11 +82,11 @@ def save_checkpoint(config: str, options: dict, path: str, seed: int = 0) -> str
 def export_and_verify(tmp_path, config, options, shape=(64, 64), dynamic=False, features=False,
                       images=(), switch_to_deploy=False):
     checkpoint = save_checkpoint(config, options, str(tmp_path / 'model.pth'))
-    model, cfg, library = dep.load_model(config, checkpoint, options)
-    spec = dep.build_spec(model, library, features=features, switch_to_deploy=switch_to_deploy)
-    path = dep.export_onnx(spec, str(tmp_path / 'model.onnx'), shape, dynamic=dynamic)
-    real = [(p, im) for p, im in zip(images, dep.load_images(cfg, library, images))]
-    report = dep.verify(path, spec, real, shape, dynamic, repeat=1)
+    model, cfg, library = load_model(config, checkpoint, options)
+    spec = build_spec(model, library, features=features, switch_to_deploy=switch_to_deploy)
+    path = export_onnx(spec, str(tmp_path / 'model.onnx'), shape, dynamic=dynamic)
+    real = [(p, im) for p, im in zip(images, load_images(cfg, library, images))]
+    report = verify(path, spec, real, shape, dynamic, repeat=1)
     assert not report.failures, '\n'.join(report.lines())
     return spec, report
 
@@ -94,7 +99,7 @@ def outputs_of(path):
 
 # ----------------------------------------------------------------------------- one of each kind
 def test_classifier_exports_logits_equal_to_pytorch(tmp_path):
-    image = dep.generated_image((64, 64), str(tmp_path))
+    image = tool.generated_image((64, 64), str(tmp_path))
     spec, report = export_and_verify(tmp_path, CLS_CONFIG, cls_options(), images=[image])
     assert spec.kind == 'classifier' and spec.output_names == ['logits']
     names, session = outputs_of(str(tmp_path / 'model.onnx'))
@@ -134,9 +139,9 @@ def test_segmentor_padding_in_the_graph_is_cropped_off(tmp_path):
 
 def test_two_stage_detector_exports_features_and_says_why_not_more(tmp_path):
     checkpoint = save_checkpoint(MASK_RCNN_CONFIG, mask_rcnn_options(), str(tmp_path / 'm.pth'))
-    model, cfg, library = dep.load_model(MASK_RCNN_CONFIG, checkpoint, mask_rcnn_options())
-    with pytest.raises(dep.ExportError, match='two-stage.*NMS.*--features'):
-        dep.build_spec(model, library)
+    model, cfg, library = load_model(MASK_RCNN_CONFIG, checkpoint, mask_rcnn_options())
+    with pytest.raises(ExportError, match='two-stage.*NMS.*--features'):
+        build_spec(model, library)
     spec, report = export_and_verify(tmp_path, MASK_RCNN_CONFIG, mask_rcnn_options(),
                                      shape=(64, 96), dynamic=True, features=True)
     assert spec.output_names == [f'feat_{i}' for i in range(5)]  # FPN P2..P6
@@ -158,12 +163,12 @@ def test_single_stage_detector_exports_raw_head_outputs(tmp_path):
 # ----------------------------------------------------------------------------- errors
 def test_unknown_model_type_is_refused_with_what_is_supported(tmp_path):
     checkpoint = save_checkpoint(CLS_CONFIG, cls_options(), str(tmp_path / 'c.pth'))
-    model, _, _ = dep.load_model(CLS_CONFIG, checkpoint, cls_options())
-    with pytest.raises(dep.ExportError, match='not a model type this exporter knows.*Supported'):
-        dep.build_spec(model, 'mmseg')  # a classifier where a segmentor is expected
+    model, _, _ = load_model(CLS_CONFIG, checkpoint, cls_options())
+    with pytest.raises(ExportError, match='not a model type this exporter knows.*Supported'):
+        build_spec(model, 'mmseg')  # a classifier where a segmentor is expected
     model.data_preprocessor = torch.nn.Identity()
-    with pytest.raises(dep.ExportError, match='unsupported data preprocessor Identity'):
-        dep.build_spec(model, 'mmpretrain')
+    with pytest.raises(ExportError, match='unsupported data preprocessor Identity'):
+        build_spec(model, 'mmpretrain')
 
 
 def test_backbone_only_checkpoint_is_refused(tmp_path):
@@ -171,8 +176,8 @@ def test_backbone_only_checkpoint_is_refused(tmp_path):
     path = str(tmp_path / 'backbone.pth')
     torch.save({'state_dict': {'backbone.' + k: v for k, v in
                                Conv2Former(arch=TINY).state_dict().items()}}, path)
-    with pytest.raises(dep.ExportError, match='(?s)does not match.*whole model'):
-        dep.load_model(CLS_CONFIG, path, cls_options())
+    with pytest.raises(ExportError, match='(?s)does not match.*whole model'):
+        load_model(CLS_CONFIG, path, cls_options())
 
 
 def test_cli_never_overwrites_without_force(tmp_path, capsys):
@@ -191,7 +196,7 @@ def test_cli_export_and_verify(tmp_path, capsys):
     config = tmp_path / 'tiny_classifier.py'
     config.write_text(f'_base_ = [{CLS_CONFIG!r}]\n'
                       f'model = dict(backbone=dict(arch=dict(_delete_=True, **{TINY!r})),\n'
-                      '             neck=dict(in_channels=128))\n')
+                      f'             neck=dict(in_channels={CHANNELS[3]}))\n')
     rc = tool.main([str(config), checkpoint, '-o', str(output), '--shape', '64', '64', '--force',
                     '--verify', '--repeat', '1'])
     out = capsys.readouterr().out
@@ -207,11 +212,11 @@ def test_exporter_failure_is_reported_with_what_to_try(tmp_path):
         def forward(self, images):
             raise RuntimeError('no symbolic for this op')
 
-    spec = dep.ExportSpec('features', Unexportable(), ['feat_0'], lambda images: [],
+    spec = ExportSpec('features', Unexportable(), ['feat_0'], lambda images: [],
                           'a graph that cannot be traced')
     path = tmp_path / 'bad.onnx'
-    with pytest.raises(dep.ExportError, match='(?s)could not export.*no symbolic.*--exporter dynamo'):
-        dep.export_onnx(spec, str(path), (64, 64))
+    with pytest.raises(ExportError, match='(?s)could not export.*no symbolic.*--exporter dynamo'):
+        export_onnx(spec, str(path), (64, 64))
     assert not path.exists() and not (tmp_path / 'bad.onnx.part').exists()
 
 

@@ -80,31 +80,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmconv2former import deployment as dep
+    from mmconv2former import export
 
     output = args.output or osp.splitext(args.checkpoint)[0] + '.onnx'
-    # refuse before the (slow) model build and export
-    if osp.exists(output) and not args.force:
-        raise SystemExit(f'error: {output!r} exists; pass --force to overwrite it, or choose '
-                         'another output with -o')
-    missing = [m for m in (['onnx'] + (['onnxruntime'] if args.verify else [])
-                           + (['onnxscript'] if args.exporter == 'dynamo' else []))
-               if _missing(m)]
-    if missing:
-        raise SystemExit(f'error: {", ".join(missing)} not installed; install the export extras: '
-                         "pip install -r requirements/deploy.txt (or pip install -e '.[deploy]')")
+    _refuse_early(args, output)  # before the (slow) model build and export
     try:
-        model, cfg, library = dep.load_model(args.config, args.checkpoint, args.cfg_options)
-        spec = dep.build_spec(model, library, features=args.features,
-                              switch_to_deploy=args.switch_to_deploy)
-    except (dep.ExportError, FileNotFoundError) as exc:
+        model, cfg, library = export.load_model(args.config, args.checkpoint, args.cfg_options)
+        spec = export.build_spec(model, library, features=args.features,
+                                 switch_to_deploy=args.switch_to_deploy)
+    except (export.ExportError, FileNotFoundError) as exc:
         raise SystemExit(f'error: {exc}')
-    shape = tuple(args.shape) if args.shape else dep.default_shape(cfg, library)
+    shape = tuple(args.shape) if args.shape else export.default_shape(cfg, library)
     start = time.perf_counter()
     try:
-        dep.export_onnx(spec, output, shape, dynamic=args.dynamic, opset=args.opset,
-                        exporter=args.exporter, force=args.force,
-                        metadata=dep.metadata_for(model, args.config, args.checkpoint))
+        export.export_onnx(spec, output, shape, dynamic=args.dynamic, opset=args.opset,
+                           exporter=args.exporter, force=args.force,
+                           metadata=export.metadata_for(model, args.config, args.checkpoint))
     except (ValueError, FileExistsError) as exc:  # ExportError is a ValueError
         if exc.__cause__ is not None:  # the exporter's own traceback, for a bug report
             traceback.print_exception(exc.__cause__)
@@ -116,27 +107,40 @@ def main(argv=None) -> int:
           f'{"W" if args.dynamic else shape[1]}) raw BGR pixels'
           + (' (batch, height and width dynamic)' if args.dynamic else ''))
     print(f'output {", ".join(spec.output_names)}')
-    if not args.verify:
-        return 0
+    return _verify(args, output, spec, cfg, library, shape) if args.verify else 0
+
+
+def _refuse_early(args, output: str) -> None:
+    if osp.exists(output) and not args.force:
+        raise SystemExit(f'error: {output!r} exists; pass --force to overwrite it, or choose '
+                         'another output with -o')
+    missing = [m for m in (['onnx'] + (['onnxruntime'] if args.verify else [])
+                           + (['onnxscript'] if args.exporter == 'dynamo' else []))
+               if _missing(m)]
+    if missing:
+        raise SystemExit(f'error: {", ".join(missing)} not installed; install the export extras: '
+                         "pip install -r requirements/deploy.txt (or pip install -e '.[deploy]')")
+
+
+def _verify(args, output: str, spec, cfg, library: str, shape) -> int:
+    """--verify: compare, print the numbers; 1 when a limit is exceeded."""
+    from mmconv2former import export
 
     with tempfile.TemporaryDirectory(prefix='mmconv2former_export_') as tmp:
-        paths = (dep.find_images(args.image) if args.image else dep.config_images(cfg))
+        paths = export.find_images(args.image) if args.image else export.config_images(cfg)
         names = [_short(p) for p in paths]
         if not paths:
-            paths, names = [dep.generated_image(shape, tmp)], ['generated scene']
+            paths, names = [generated_image(shape, tmp)], ['generated scene']
             print(f'no --image given and no test images of the config on disk: using a '
                   f'generated {shape[0]}x{shape[1]} scene')
-        images = dep.load_images(cfg, library, paths)
-        named = list(zip(names, images))
-        report = dep.verify(output, spec, named, shape, args.dynamic, args.tolerance,
-                            args.min_agreement, args.repeat)
+        named = list(zip(names, export.load_images(cfg, library, paths)))
+        report = export.verify(output, spec, named, shape, args.dynamic, args.tolerance,
+                               args.min_agreement, args.repeat)
     for line in _summarise(report, len(paths)):
         print(line)
-    if report.failures:
-        for failure in report.failures:
-            print(f'FAIL {failure}', file=sys.stderr)
-        return 1
-    return 0
+    for failure in report.failures:
+        print(f'FAIL {failure}', file=sys.stderr)
+    return 1 if report.failures else 0
 
 
 def _summarise(report, n_real: int):
@@ -155,6 +159,19 @@ def _summarise(report, n_real: int):
                     f'{100.0 * (labels - mismatches) / labels:.4f}% of all '
                     f'({mismatches} of {labels} differ)')
     return head + rest
+
+
+def generated_image(size, directory: str) -> str:
+    """Write a textured test scene (the segmentation demo's generator) as PNG
+    and return its path: something to verify on when no real image is at hand."""
+    import numpy as np
+    from PIL import Image
+
+    from mmconv2former.demo.materials import make_material_scene
+    scene = make_material_scene(np.random.default_rng(0), size=tuple(size))
+    path = osp.join(directory, 'generated_scene.png')
+    Image.fromarray(scene.image).save(path)
+    return path
 
 
 def _short(path: str) -> str:
