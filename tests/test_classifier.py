@@ -2,7 +2,6 @@
 weights, the ImageNet configs, the inferencer / test tool, and the demo."""
 import functools
 import glob
-import importlib.util
 import os.path as osp
 
 import numpy as np
@@ -10,30 +9,21 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import ROOT, TINY, load_tool, randomise
 from mmconv2former import Conv2Former
+from mmconv2former.demo.imagefolder import generate_imagefolder_demo
 from mmconv2former.models.classifier import Conv2FormerNeck, release_to_mm
-from mmconv2former.models.reference import ReferenceConv2Former
-from test_conv2former import randomise
+from reference import ReferenceConv2Former
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = osp.join(ROOT, 'configs', 'conv2former')
 DEMO_CONFIG = osp.join(ROOT, 'configs', 'demo', 'conv2former-n_1xb32_shapes-demo.py')
-TINY = dict(channels=[16, 32, 48, 64], depths=[1, 2, 3, 1], kernel_size=5)
 VARIANT_CONFIGS = {'n': 'conv2former-n_8xb128_in1k.py', 't': 'conv2former-t_8xb128_in1k.py',
                    's': 'conv2former-s_8xb128_in1k.py', 'b': 'conv2former-b_8xb128_in1k.py',
                    'l': 'conv2former-l_8xb128_in1k.py',
                    'b_22k': 'conv2former-b_in22k-pre_8xb64_in1k-384px.py',  # B's 22k model: kernel 7
                    'l_384': 'conv2former-l_in22k-pre_8xb64_in1k-384px.py'}
 
-
-def _load(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-converter = _load('conv2former_to_mm', osp.join(ROOT, 'tools', 'model_converters', 'conv2former_to_mm.py'))
+converter = load_tool('model_converters/conv2former_to_mm.py')
 
 
 def build_classifier(config: str, **backbone):
@@ -123,8 +113,8 @@ def test_logits_equal_release_model(release_checkpoint, tmp_path, use_ema):
         from mmpretrain.apis import ImageClassificationInferencer
         from mmpretrain.datasets import ImageNet
         image = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
-        # The inferencer builds its pipeline in the *current* scope: pin
-        # mmpretrain's, whatever an earlier mmseg/mmdet run left behind.
+        # The inferencer builds its pipeline in the *current* default scope:
+        # pin mmpretrain's rather than depend on whatever scope is current.
         with DefaultScope.overwrite_default_scope('mmpretrain'):
             inferencer = ImageClassificationInferencer(osp.join(CONFIGS, VARIANT_CONFIGS['n']),
                                                        pretrained=dst, device='cpu')
@@ -182,8 +172,9 @@ def test_drop_path_grows_with_the_variant():
 def test_config_trains_a_step_with_mixup_and_cutmix():
     """The N recipe on tiny depths: batch augments, soft targets, label smoothing."""
     from mmpretrain.structures import DataSample
-    model = build_classifier(osp.join(CONFIGS, VARIANT_CONFIGS['n']), arch=dict(
-        channels=[64, 128, 256, 512], depths=[1, 1, 1, 1], kernel_size=7))
+    # not TINY: the config's neck and head are sized for N's widths (512 channels out)
+    model = build_classifier(osp.join(CONFIGS, VARIANT_CONFIGS['n']),
+                             arch=dict(Conv2Former.arch_settings['n'], depths=[1, 1, 1, 1]))
     model.init_weights()
     model.train()
     data = dict(inputs=[torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8) for _ in range(4)],
@@ -199,7 +190,6 @@ def test_config_trains_a_step_with_mixup_and_cutmix():
 # ---------------------------------------------------------------- inference tools
 @pytest.fixture(scope='module')
 def tiny_demo_set(tmp_path_factory):
-    from mmconv2former.datasets.demo_imagefolder import generate_imagefolder_demo
     root = str(tmp_path_factory.mktemp('shapes_cls'))
     return generate_imagefolder_demo(root, num_train=6, num_val=6, size=(32, 32))
 
@@ -233,7 +223,7 @@ def test_inferencer_and_test_tool_give_the_release_model_predictions(release_che
     torch.testing.assert_close(scores, probs, rtol=0, atol=1e-4)
     assert results[0]['pred_class'] in ('circle', 'square', 'triangle')
 
-    test_tool = _load('test_tool', osp.join(ROOT, 'tools', 'test.py'))
+    test_tool = load_tool('test.py')
     metrics = test_tool.main([DEMO_CONFIG, dst, '--work-dir', str(tmp_path / 'test'), '--cfg-options',
                               f'test_dataloader.dataset.data_root={tiny_demo_set}'])
     labels = torch.tensor([('circle', 'square', 'triangle').index(osp.basename(osp.dirname(f)))
@@ -244,7 +234,6 @@ def test_inferencer_and_test_tool_give_the_release_model_predictions(release_che
 
 # ---------------------------------------------------------------- demo
 def test_demo_set_is_balanced_deterministic_and_reused(tmp_path):
-    from mmconv2former.datasets.demo_imagefolder import generate_imagefolder_demo
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     generate_imagefolder_demo(a, 9, 6, size=(32, 32))
     generate_imagefolder_demo(b, 9, 6, size=(32, 32))
@@ -261,7 +250,7 @@ def test_demo_set_is_balanced_deterministic_and_reused(tmp_path):
 
 
 def test_demo_runs_a_few_training_iterations(tmp_path, tiny_demo_set):
-    demo = _load('classification_demo', osp.join(ROOT, 'tools', 'demo', 'classification_demo.py'))
+    demo = load_tool('demo/classification_demo.py')
     summary = demo.main(['--data-root', tiny_demo_set, '--work-dir', str(tmp_path / 'work'),
                          '--num-train', '6', '--num-val', '6', '--epochs', '2', '--num-predict', '2',
                          '--cfg-options', 'train_dataloader.batch_size=3'])
@@ -273,7 +262,7 @@ def test_demo_runs_a_few_training_iterations(tmp_path, tiny_demo_set):
 @pytest.mark.slow
 def test_demo_learns_well_above_chance(tmp_path):
     """A shorter run than the demo's default still beats chance (33 %) clearly."""
-    demo = _load('classification_demo', osp.join(ROOT, 'tools', 'demo', 'classification_demo.py'))
+    demo = load_tool('demo/classification_demo.py')
     summary = demo.main(['--data-root', str(tmp_path / 'data'), '--work-dir', str(tmp_path / 'work'),
                          '--num-train', '600', '--num-val', '150', '--epochs', '20'])
     assert summary['top1'] >= 45.0  # measured: 61.3 after 20 epochs, 64.7 after the demo's 30

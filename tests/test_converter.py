@@ -1,5 +1,4 @@
 """tools/model_converters/conv2former_to_mm.py: round trips and refusals."""
-import importlib.util
 import os.path as osp
 import subprocess
 import sys
@@ -7,25 +6,15 @@ import sys
 import pytest
 import torch
 
+from conftest import ROOT, TINY, load_tool, randomise
 from mmconv2former import Conv2Former
 from mmconv2former.checkpoint import CheckpointMismatchError, UnsafeCheckpointError
-from mmconv2former.models.reference import ReferenceConv2Former
-from test_conv2former import randomise
+from reference import ReferenceConv2Former
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'model_converters', 'conv2former_to_mm.py')
-TINY = dict(channels=[16, 32, 48, 64], depths=[1, 2, 3, 1], kernel_size=5)
 HEAD_KEYS = ['head.0.weight', 'head.0.bias', 'head.2.weight', 'head.2.bias', 'pred.weight', 'pred.bias']
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('conv2former_to_mm', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-conv = _load_tool()
+conv = load_tool('model_converters/conv2former_to_mm.py')
 
 
 def reference(arch=TINY, seed=0, num_classes=10) -> ReferenceConv2Former:

@@ -6,23 +6,21 @@ import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
+from mmengine.registry import DefaultScope
 
-from conftest import ROOT
+from conftest import ROOT, TINY
 from mmconv2former import Conv2Former
-from mmconv2former.datasets.demo_coco import generate_coco_demo
 
 DET_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'mask_rcnn', '*.py'))
                      + glob.glob(osp.join(ROOT, 'configs', 'cascade_rcnn', '*.py'))
                      + glob.glob(osp.join(ROOT, 'configs', 'demo', 'mask-rcnn_*.py')))
 DEMO_CONFIG = osp.join(ROOT, 'configs', 'demo', 'mask-rcnn_conv2former-n_fpn_demo.py')
-TINY = dict(channels=[16, 32, 48, 64], depths=[1, 1, 2, 1], kernel_size=5)
 
 
 def build_detector(cfg):
     from mmdet.registry import MODELS
-    init_default_scope('mmdet')
-    return MODELS.build(cfg.model)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        return MODELS.build(cfg.model)
 
 
 def test_all_detection_configs_are_found():
@@ -81,9 +79,9 @@ def _tiny_inputs(num_classes):
 def test_detector_forward_backward_on_cpu(kind):
     path = [p for p in DET_CONFIGS if f'/{kind}/' in p and '-t_' in p][0]
     cfg = Config.fromfile(path)
-    cfg.model.backbone.arch = TINY
+    cfg.model.backbone.arch = dict(TINY)
     cfg.model.backbone.init_cfg = None
-    cfg.model.neck.in_channels = TINY['channels']
+    cfg.model.neck.in_channels = list(TINY['channels'])
     from mmconv2former.engine.runtime import adapt_to_device
     adapt_to_device(cfg)
     model = build_detector(cfg)
@@ -113,8 +111,8 @@ def _build_optim(decay_type, rate=0.7, arch='s'):
     cfg = dict(type='OptimWrapper', constructor='LayerDecayOptimWrapperConstructor',
                paramwise_cfg=dict(decay_rate=rate, decay_type=decay_type),
                optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05))
-    init_default_scope('mmdet')
-    return model, build_optim_wrapper(model, cfg)
+    with DefaultScope.overwrite_default_scope('mmdet'):  # as an mmdet runner builds it
+        return model, build_optim_wrapper(model, cfg)
 
 
 @pytest.mark.parametrize('decay_type', ['layer_wise', 'stage_wise'])
@@ -164,12 +162,6 @@ def test_layer_decay_refuses_backbone_without_depth_rule():
 
 
 # ----------------------------------------------------------------------------- tools end to end
-@pytest.fixture(scope='module')
-def tiny_coco(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('coco_demo'))
-    return generate_coco_demo(root, num_train=8, num_val=4, seed=3)
-
-
 def _demo_options(root, work_dir):
     root = root.rstrip('/') + '/'
     return ['--work-dir', work_dir, '--cfg-options',
@@ -180,22 +172,22 @@ def _demo_options(root, work_dir):
             'train_cfg.max_epochs=1', 'train_cfg.val_interval=1', 'default_hooks.checkpoint.interval=1']
 
 
-def test_train_then_test_tools_end_to_end(tiny_coco, tmp_path):
+def test_train_then_test_tools_end_to_end(coco_demo, tmp_path):
     import tools.test as test_tool
     import tools.train as train_tool
     work_dir = str(tmp_path / 'work')
-    train_tool.main([DEMO_CONFIG, *_demo_options(tiny_coco, work_dir)])
+    train_tool.main([DEMO_CONFIG, *_demo_options(coco_demo, work_dir)])
     checkpoint = osp.join(work_dir, 'epoch_1.pth')
     assert osp.isfile(checkpoint)
     assert open(osp.join(work_dir, 'last_checkpoint')).read().strip().endswith('epoch_1.pth')
-    metrics = test_tool.main([DEMO_CONFIG, checkpoint, *_demo_options(tiny_coco, str(tmp_path / 'eval'))])
+    metrics = test_tool.main([DEMO_CONFIG, checkpoint, *_demo_options(coco_demo, str(tmp_path / 'eval'))])
     for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
         assert key in metrics and 0.0 <= metrics[key] <= 1.0
 
     # mmdet's own inferencer works with our config and checkpoint
     from mmdet.apis import DetInferencer
     inferencer = DetInferencer(model=DEMO_CONFIG, weights=checkpoint, device='cpu', show_progress=False)
-    image = sorted(glob.glob(osp.join(tiny_coco, 'val', '*.png')))[0]
+    image = sorted(glob.glob(osp.join(coco_demo, 'val', '*.png')))[0]
     out = inferencer(image, out_dir=str(tmp_path / 'vis'), no_save_pred=True)
     assert len(out['predictions']) == 1
     assert glob.glob(str(tmp_path / 'vis' / 'vis' / '*.png'))

@@ -1,18 +1,14 @@
 """tools/analysis/get_flops.py: the release's complexity table and all tasks."""
-import importlib.util
 import os.path as osp
 
 import pytest
 import torch
 
+from conftest import ROOT, TINY, load_tool
 from mmconv2former import Conv2Former
 from mmconv2former.models import Conv2FormerBlock
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location('get_flops',
-                                               osp.join(ROOT, 'tools', 'analysis', 'get_flops.py'))
-get_flops = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(get_flops)
+get_flops = load_tool('analysis/get_flops.py')
 
 # The release's README: classifier parameters (M) and FLOPs (G, multiply-adds)
 # at 224x224. For N the README says 2.2G; the issue accepts 2.2-2.3G.
@@ -67,10 +63,9 @@ def test_b_at_384_and_layer_norm_option():
 
 
 def test_backbone_only_matches_dense_backbone():
-    tiny = dict(channels=[16, 32, 48, 64], depths=[1, 1, 1, 1], kernel_size=5)
-    flops, params = get_flops.arch_complexity(tiny, (64, 64), backbone_only=True)
-    assert params == sum(p.numel() for p in Conv2Former(tiny, out_norm=False).parameters())
-    classifier_flops, _ = get_flops.arch_complexity(tiny, (64, 64))
+    flops, params = get_flops.arch_complexity(TINY, (64, 64), backbone_only=True)
+    assert params == sum(p.numel() for p in Conv2Former(TINY, out_norm=False).parameters())
+    classifier_flops, _ = get_flops.arch_complexity(TINY, (64, 64))
     # the head adds its 1x1 conv (2x2 map x 64 x 1280) and the Linear (1280 x 1000)
     assert classifier_flops - flops == 4 * 64 * 1280 + 1280 * 1000
 
@@ -96,15 +91,17 @@ def test_segmentation_config(tmp_path):
         "_base_ = ['mmseg::_base_/models/upernet_r50.py', 'mmseg::_base_/default_runtime.py']\n"
         "custom_imports = dict(imports=['mmconv2former'], allow_failed_imports=False)\n"
         "norm_cfg = dict(type='BN', requires_grad=True)\n"
-        "model = dict(backbone=dict(_delete_=True, type='Conv2Former', arch=dict(channels=[16, 32, 48, 64], "
-        "depths=[1, 1, 1, 1], kernel_size=5)), decode_head=dict(in_channels=[16, 32, 48, 64], channels=32, "
-        "norm_cfg=norm_cfg), auxiliary_head=dict(in_channels=48, channels=16, norm_cfg=norm_cfg))\n")
+        f"model = dict(backbone=dict(_delete_=True, type='Conv2Former', arch={TINY!r}), "
+        f"decode_head=dict(in_channels={TINY['channels']!r}, channels=32, norm_cfg=norm_cfg), "
+        f"auxiliary_head=dict(in_channels={TINY['channels'][2]}, channels=16, norm_cfg=norm_cfg))\n")
     flops, params, shape = get_flops.config_complexity(str(config), (64, 64))
     assert shape == (64, 64) and flops > 0
     # the auxiliary head is training-only and left out of both counts
     from mmengine.config import Config
+    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
-    model = MODELS.build(Config.fromfile(str(config)).model)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(Config.fromfile(str(config)).model)
     aux = sum(p.numel() for p in model.auxiliary_head.parameters())
     assert params == sum(p.numel() for p in model.parameters()) - aux
 

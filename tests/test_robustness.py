@@ -11,19 +11,13 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY
 from mmconv2former import Conv2Former
 from mmconv2former.checkpoint import CheckpointMismatchError, UnsafeCheckpointError, safe_load
-from mmconv2former.datasets.demo_coco import generate_coco_demo
 from mmconv2former.engine.hooks import NonFiniteCheckHook
+from reference import ReferenceConv2Former
 
 DEMO_CONFIG = osp.join(ROOT, 'configs', 'demo', 'mask-rcnn_conv2former-n_fpn_demo.py')
-TINY = dict(channels=[16, 32, 48, 64], depths=[1, 1, 1, 1], kernel_size=5)
-
-
-@pytest.fixture(scope='module')
-def coco(tmp_path_factory):
-    return generate_coco_demo(str(tmp_path_factory.mktemp('coco')), num_train=8, num_val=4, seed=5)
 
 
 def demo_args(root, work_dir, epochs=1, extra=()):
@@ -81,9 +75,9 @@ def evil_checkpoint(path, marker):
 
 # ----------------------------------------------------------------------------- resume
 @pytest.mark.slow
-def test_resume_after_sigkill_repeats_uninterrupted_losses(coco, tmp_path):
+def test_resume_after_sigkill_repeats_uninterrupted_losses(coco_demo, tmp_path):
     full, crashed = tmp_path / 'full', tmp_path / 'crashed'
-    run_tool('train.py', demo_args(coco, full, epochs=3))
+    run_tool('train.py', demo_args(coco_demo, full, epochs=3))
     # Kill the second run with SIGKILL in epoch 3, after the epoch-2 checkpoint.
     killer = tmp_path / 'kill_in_epoch3.py'
     killer.write_text(textwrap.dedent(f'''
@@ -106,7 +100,7 @@ def test_resume_after_sigkill_repeats_uninterrupted_losses(coco, tmp_path):
         original, train.load_config = train.load_config, load_config
         train.main(sys.argv[1:])
     '''))
-    args = demo_args(coco, crashed, epochs=3)
+    args = demo_args(coco_demo, crashed, epochs=3)
     proc = subprocess.run([sys.executable, str(killer), *args], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=900)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -146,7 +140,7 @@ def test_new_run_never_overwrites_earlier_one(tmp_path):
 
 
 # ----------------------------------------------------------------------------- safe checkpoints
-def test_every_load_path_refuses_unsafe_pickles(tmp_path, coco):
+def test_every_load_path_refuses_unsafe_pickles(tmp_path, coco_demo):
     marker = tmp_path / 'PWNED'
     path = evil_checkpoint(str(tmp_path / 'evil.pth'), marker)
     with pytest.raises(UnsafeCheckpointError, match='posix.system|os.system|allow-list'):
@@ -155,11 +149,11 @@ def test_every_load_path_refuses_unsafe_pickles(tmp_path, coco):
     with pytest.raises(UnsafeCheckpointError, match='nothing from it was executed'):
         backbone.init_weights()
     # mmengine's loader (resume / load_from / inferencers) goes through torch's allow-list
-    args = demo_args(coco, tmp_path / 'wd')
+    args = demo_args(coco_demo, tmp_path / 'wd')
     with pytest.raises(Exception, match='Weights only load failed'):
         train_main([args[0], '--resume', path, *args[1:]])
     with pytest.raises(UnsafeCheckpointError, match='refused to load'):
-        test_main([DEMO_CONFIG, path, *demo_args(coco, tmp_path / 'ev')[1:]])
+        test_main([DEMO_CONFIG, path, *demo_args(coco_demo, tmp_path / 'ev')[1:]])
     assert not marker.exists()
 
 
@@ -221,11 +215,11 @@ Runner.train = train
 
 
 @pytest.mark.slow
-def test_two_process_gloo_training_keeps_ranks_in_sync(coco, tmp_path):
+def test_two_process_gloo_training_keeps_ranks_in_sync(coco_demo, tmp_path):
     (tmp_path / 'rank_dump.py').write_text(RANK_DUMP)
     work = tmp_path / 'dist'
     env = dict(os.environ, OMP_NUM_THREADS='1', PORT='29533', PYTHONPATH=f'{tmp_path}:{ROOT}')
-    args = demo_args(coco, work, epochs=1, extra=['custom_imports.imports=[mmconv2former,rank_dump]'])
+    args = demo_args(coco_demo, work, epochs=1, extra=['custom_imports.imports=[mmconv2former,rank_dump]'])
     proc = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), args[0], '2', *args[1:]],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -255,53 +249,53 @@ def test_missing_config_and_checkpoint_paths(tmp_path):
         backbone.init_weights()
 
 
-def test_checkpoint_of_another_variant_is_refused_by_test_tool(coco, tmp_path):
+def test_checkpoint_of_another_variant_is_refused_by_test_tool(coco_demo, tmp_path):
     from mmengine.config import Config
-    from mmengine.registry import init_default_scope
+    from mmengine.registry import DefaultScope
 
     from mmdet.registry import MODELS
     cfg = Config.fromfile(DEMO_CONFIG)
     cfg.model.backbone.arch = 't'
     cfg.model.neck.in_channels = [72, 144, 288, 576]
-    init_default_scope('mmdet')
-    other = MODELS.build(cfg.model)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        other = MODELS.build(cfg.model)
     path = str(tmp_path / 't.pth')
     torch.save({'state_dict': other.state_dict()}, path)
     with pytest.raises(CheckpointMismatchError, match='shape mismatch.*kernel_size=11'):
-        test_main([DEMO_CONFIG, path, *demo_args(coco, tmp_path / 'e')[1:]])
+        test_main([DEMO_CONFIG, path, *demo_args(coco_demo, tmp_path / 'e')[1:]])
 
 
-def test_annotation_file_missing_or_malformed(coco, tmp_path):
+def test_annotation_file_missing_or_malformed(coco_demo, tmp_path):
     with pytest.raises(FileNotFoundError, match='annotation file not found'):
         train_main(demo_args(str(tmp_path / 'nowhere'), tmp_path / 'w1'))
     broken = tmp_path / 'broken'
     os.makedirs(broken / 'annotations')
     for split in ('train', 'val'):
-        os.symlink(osp.join(coco, split), broken / split)
+        os.symlink(osp.join(coco_demo, split), broken / split)
     (broken / 'annotations' / 'instances_train.json').write_text('{"images": [')
     (broken / 'annotations' / 'instances_val.json').write_text('{}')
     with pytest.raises(ValueError, match='instances_train.json.*is not valid JSON'):
         train_main(demo_args(str(broken), tmp_path / 'w2'))
 
 
-def test_unreadable_image_is_named(coco, tmp_path):
+def test_unreadable_image_is_named(coco_demo, tmp_path):
     import shutil
     bad = tmp_path / 'bad'
-    shutil.copytree(coco, bad)
+    shutil.copytree(coco_demo, bad)
     victim = bad / 'train' / '000003.png'
     victim.write_bytes(b'not an image')
     with pytest.raises(Exception, match='000003.png'):
         train_main(demo_args(str(bad), tmp_path / 'w'))
 
 
-def test_unwritable_work_dir(coco, tmp_path):
+def test_unwritable_work_dir(coco_demo, tmp_path):
     from mmconv2former.engine.runtime import check_writable
     blocker = tmp_path / 'file'
     blocker.write_text('')
     with pytest.raises(PermissionError, match='cannot write to the work dir.*--work-dir'):
         check_writable(str(blocker / 'sub'))
     with pytest.raises(PermissionError, match='cannot write to the work dir'):
-        train_main(demo_args(coco, blocker / 'sub'))
+        train_main(demo_args(coco_demo, blocker / 'sub'))
 
 
 def test_non_finite_input_stops_before_the_update():
@@ -316,11 +310,11 @@ def test_non_finite_input_stops_before_the_update():
         NonFiniteCheckHook().after_train_iter(Runner(), 0, None, dict(loss=torch.tensor(float('inf'))))
 
 
-def test_train_tool_adds_the_non_finite_check(coco, tmp_path):
+def test_train_tool_adds_the_non_finite_check(coco_demo, tmp_path):
     from mmconv2former.engine.runtime import load_config
     cfg = load_config(DEMO_CONFIG, work_dir=str(tmp_path / 'w'), mode='train',
-                      cfg_options={'train_dataloader.dataset.data_root': coco + '/',
-                                   'val_dataloader.dataset.data_root': coco + '/'})
+                      cfg_options={'train_dataloader.dataset.data_root': coco_demo + '/',
+                                   'val_dataloader.dataset.data_root': coco_demo + '/'})
     assert [h['type'] for h in cfg.custom_hooks].count('NonFiniteCheckHook') == 1
 
 
@@ -336,7 +330,6 @@ def test_input_smaller_than_total_stride():
 
 
 def test_variant_mismatch_in_backbone_loading(release_checkpoint):
-    from mmconv2former.models.reference import ReferenceConv2Former
     path = release_checkpoint(ReferenceConv2Former(**dict(TINY, kernel_size=3)).state_dict())
     with pytest.raises(CheckpointMismatchError, match=r'\(16, 1, 3, 3\) vs model \(16, 1, 5, 5\)'):
         Conv2Former(TINY).load_release_weights(path)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
+from mmengine.registry import DefaultScope
 
 from conftest import ROOT
 from mmconv2former import Conv2Former
-from mmconv2former.datasets.demo_ade import CLASSES, IGNORE, generate_ade_demo, label_map
+from mmconv2former.demo.ade import CLASSES, IGNORE, generate_ade_demo, label_map
 
 pytest.importorskip('mmseg')
 
@@ -24,8 +24,8 @@ T_CONFIG = osp.join(ROOT, 'configs', 'upernet', 'upernet_conv2former-t_8xb2-amp-
 
 def build_segmentor(cfg):
     from mmseg.registry import MODELS
-    init_default_scope('mmseg')
-    return MODELS.build(cfg.model)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        return MODELS.build(cfg.model)
 
 
 def read_png(path):
@@ -56,11 +56,11 @@ def test_demo_set_reads_with_reduce_zero_label(tiny_ade):
     """mmseg's own dataset and loader turn 0 into 255 and k into k - 1."""
     from mmseg.datasets import BaseSegDataset
     from mmseg.datasets.transforms import LoadAnnotations
-    init_default_scope('mmseg')
-    dataset = BaseSegDataset(data_root=tiny_ade, img_suffix='.jpg', seg_map_suffix='.png',
-                             data_prefix=dict(img_path='images/validation',
-                                              seg_map_path='annotations/validation'),
-                             metainfo=dict(classes=CLASSES), reduce_zero_label=True, pipeline=[])
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        dataset = BaseSegDataset(data_root=tiny_ade, img_suffix='.jpg', seg_map_suffix='.png',
+                                 data_prefix=dict(img_path='images/validation',
+                                                  seg_map_path='annotations/validation'),
+                                 metainfo=dict(classes=CLASSES), reduce_zero_label=True, pipeline=[])
     assert len(dataset) == 4
     info = dataset[0]
     raw = read_png(info['seg_map_path'])
@@ -88,7 +88,7 @@ def test_label_map_marks_outlines_unlabelled():
 def test_materials_differ_in_texture_not_in_colour():
     """The class is in the pattern: grain energy orders the materials as their
     names say, while the mean colours of the classes overlap."""
-    from mmconv2former.datasets.materials import MATERIALS, render_material
+    from mmconv2former.demo.materials import MATERIALS, render_material
     rng = np.random.default_rng(0)
     energy, brightness = {}, {}
     for kind in MATERIALS:
@@ -182,7 +182,8 @@ def test_stage_wise_lr_decay_on_upernet():
     from mmconv2former.engine.runtime import load_config
     cfg = load_config(T_CONFIG)
     model = build_segmentor(cfg)
-    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    with DefaultScope.overwrite_default_scope('mmseg'):  # as mmseg's runner builds it
+        wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     lr = {name: group['lr'] for group in wrapper.optimizer.param_groups for name in group['param_names']}
     assert len(lr) == sum(p.requires_grad for p in model.parameters())
     # stage-wise, as the backbone counts: stem 0, stage i (with its downsampling) i + 1,
@@ -255,14 +256,14 @@ def test_train_test_tta_and_inferencer_end_to_end(tiny_ade, tmp_path, monkeypatc
     drawn = [p for p in glob.glob(osp.join(show_dir, '**', '*'), recursive=True) if p.endswith(('.png', '.jpg'))]
     assert len(drawn) == 4, drawn
 
-    # the fast inference form (switch_to_deploy after loading) scores the same
+    # the folded inference form (switch_to_deploy after loading) scores the same
     from mmconv2former.engine import SwitchToDeployHook
     switched = []
     before_test = SwitchToDeployHook.before_test
     monkeypatch.setattr(SwitchToDeployHook, 'before_test',
                         lambda hook, runner: (before_test(hook, runner), switched.append(runner.model))[0])
-    deployed = test_tool.main([DEMO_CONFIG, checkpoint, '--deploy', '--work-dir', str(tmp_path / 'deploy'),
-                               *options])
+    deployed = test_tool.main([DEMO_CONFIG, checkpoint, '--switch-to-deploy',
+                               '--work-dir', str(tmp_path / 'deploy'), *options])
     assert len(switched) == 1 and switched[0].backbone.deployed
     assert abs(deployed['mIoU'] - metrics['mIoU']) <= 0.1, (deployed, metrics)
 

@@ -207,8 +207,10 @@ class Conv2Former(BaseModule):
             forward hooks that replace outputs are differentiated too).
             Measured: Conv2Former-T, batch 1 at 1024², training step on CPU,
             peak activation memory 0.45x that of ``recompute=False`` (see
-            ``docs/performance.md``). False stores every activation.
-            Defaults to True.
+            ``docs/performance.md``). False stores every activation. PyTorch's
+            selective checkpointing allows one backward pass through a block:
+            for double backward (gradient penalties), use False or
+            ``with_cp=True``. Defaults to True.
         pretrained: deprecated; use ``init_cfg=dict(type='Pretrained',
             checkpoint=...)``. Defaults to None.
         init_cfg: initialisation config. ``dict(type='Pretrained',

@@ -24,9 +24,9 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from mmconv2former.datasets.demo_coco import generate_coco_demo  # noqa: E402
-from mmconv2former.utils.curves import plot_training_curves  # noqa: E402
-from mmconv2former.utils.demo import parse_cfg_options, report, train_and_test  # noqa: E402
+from mmconv2former.demo.coco import generate_coco_demo  # noqa: E402
+from mmconv2former.demo.curves import plot_training_curves  # noqa: E402
+from mmconv2former.demo.runner import parse_cfg_options, report, train_and_test  # noqa: E402
 
 CONFIG = osp.join(ROOT, 'configs', 'demo', 'mask-rcnn_conv2former-n_fpn_demo.py')
 

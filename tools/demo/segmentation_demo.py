@@ -27,9 +27,9 @@ import time  # noqa: E402
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from mmconv2former.datasets.demo_ade import generate_ade_demo  # noqa: E402
-from mmconv2former.utils.curves import plot_training_curves  # noqa: E402
-from mmconv2former.utils.demo import parse_cfg_options, report, train_and_test  # noqa: E402
+from mmconv2former.demo.ade import generate_ade_demo  # noqa: E402
+from mmconv2former.demo.curves import plot_training_curves  # noqa: E402
+from mmconv2former.demo.runner import parse_cfg_options, report, train_and_test  # noqa: E402
 
 CONFIG = osp.join(ROOT, 'configs', 'demo', 'upernet_conv2former-n_demo.py')
 

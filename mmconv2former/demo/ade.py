@@ -1,6 +1,6 @@
 """Write the embedded ADE20K-format semantic-segmentation demo set.
 
-    python -m mmconv2former.datasets.demo_ade data/ade_demo
+    python -m mmconv2former.demo.ade data/ade_demo
 
 Layout (ADEChallengeData2016's, so mmseg's ADE pipeline reads it as is)::
 

@@ -1,10 +1,10 @@
 """Write the embedded image-classification demo set (an ImageNet-style folder).
 
-    python -m mmconv2former.datasets.demo_imagefolder data/shapes_cls
+    python -m mmconv2former.demo.imagefolder data/shapes_cls
 
 Each image shows one shape (circle, square or triangle) of random size,
 colour, shade and rotation on a textured background (the scenes of
-:mod:`mmconv2former.datasets.shapes`); its class is the shape. Classes are
+:mod:`mmconv2former.demo.shapes`); its class is the shape. Classes are
 balanced. Layout, read as is by mmpretrain's ``CustomDataset``::
 
     data/shapes_cls/

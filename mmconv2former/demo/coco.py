@@ -1,6 +1,6 @@
 """Write the embedded COCO-format instance-segmentation demo set.
 
-    python -m mmconv2former.datasets.demo_coco data/coco_demo
+    python -m mmconv2former.demo.coco data/coco_demo
 
 Layout (the standard COCO one, so mmdet's ``CocoDataset`` reads it as is)::
 
