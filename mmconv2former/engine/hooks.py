@@ -92,7 +92,7 @@ class SwitchToDeployHook(Hook):
     """Evaluate with every Conv2Former backbone in its deploy form.
 
     Runs after the runner has loaded the checkpoint (``before_test``), so
-    the folded weights are the trained ones; ``tools/test.py --deploy`` adds
+    the folded weights are the trained ones; ``tools/test.py --switch-to-deploy`` adds
     it. Test-only: a deployed backbone refuses ``train()``.
     """
 
@@ -103,7 +103,7 @@ class SwitchToDeployHook(Hook):
         model = runner.model.module if hasattr(runner.model, 'module') else runner.model
         backbones = [m for m in model.modules() if isinstance(m, Conv2Former)]
         if not backbones:
-            raise RuntimeError('--deploy: this model has no Conv2Former backbone to switch')
+            raise RuntimeError('--switch-to-deploy: this model has no Conv2Former backbone to switch')
         for backbone in backbones:
             backbone.switch_to_deploy()
 
