@@ -122,15 +122,21 @@ def _keep_products(ctx, op, *args, **kwargs) -> 'cp.CheckpointPolicy':
     return cp.CheckpointPolicy.PREFER_RECOMPUTE
 
 
-@functools.lru_cache(maxsize=None)
+_noted_missing_selective = False
+
+
 def _selective_context():
     """``context_fn`` for :func:`torch.utils.checkpoint.checkpoint` with
     :func:`_keep_products`, or None where this torch lacks selective
-    checkpointing (< 2.4): blocks then store everything, with a logged note."""
+    checkpointing (< 2.4): blocks then store everything, with a note logged
+    once. (Not an ``lru_cache``: ``torch.compile`` traces through this call.)"""
+    global _noted_missing_selective
     if not hasattr(cp, 'create_selective_checkpoint_contexts'):
-        print_log('Conv2Former: this torch has no selective activation checkpointing '
-                  '(torch >= 2.4); recompute=True falls back to storing all activations',
-                  logger='current', level=30)
+        if not _noted_missing_selective:
+            _noted_missing_selective = True
+            print_log('Conv2Former: this torch has no selective activation checkpointing '
+                      '(torch >= 2.4); recompute=True falls back to storing all activations',
+                      logger='current', level=30)
         return None
     return functools.partial(cp.create_selective_checkpoint_contexts, _keep_products)
 

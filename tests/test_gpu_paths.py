@@ -1,0 +1,185 @@
+"""The paths that GPU training takes (autocast, GradScaler, torch.compile,
+the recompute policies under both), run here on a CPU, and
+``tools/analysis/gpu_benchmark.py`` end to end at tiny shapes. Tests that need
+CUDA skip cleanly without it."""
+import json
+import math
+import os.path as osp
+import runpy
+
+import pytest
+import torch
+from conftest import ROOT, TINY, randomise, relative_error
+
+from mmconv2former.engine.profiling import TrainStep, mean_of_outputs, peak_memory
+from mmconv2former.models import Conv2Former
+
+GPU_BENCHMARK = osp.join(ROOT, 'tools', 'analysis', 'gpu_benchmark.py')
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+
+@pytest.fixture(scope='module')
+def tool():
+    """The tool's functions (it is a script, not a module of the package)."""
+    return runpy.run_path(GPU_BENCHMARK)
+
+
+def needs_convnext():
+    for name in ('mmpretrain', 'timm'):
+        try:
+            __import__(name)
+            return
+        except ImportError:
+            pass
+    pytest.skip('the ConvNeXt peer needs mmpretrain or timm')
+
+
+def grads(model, x, dtype, call=None):
+    """Gradients of ``model``'s parameters from ``call(x)`` (default ``model``)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=dtype):
+        (mean_of_outputs((model if call is None else call)(x)) * 1024).backward()
+    return {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------------------- CPU
+@pytest.mark.parametrize('kwargs', [dict(recompute=True), dict(with_cp=True)])
+def test_recompute_policies_give_store_all_gradients_under_bf16_autocast(kwargs):
+    """bf16 autocast exists on CPU: the policies recompute under the autocast
+    state of the forward pass, so the gradients are the same numbers."""
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    plain = randomise(Conv2Former(TINY, recompute=False)).train()
+    other = Conv2Former(TINY, **kwargs).train()
+    other.load_state_dict(plain.state_dict())
+    expected, got = grads(plain, x, torch.bfloat16), grads(other, x, torch.bfloat16)
+    assert expected.keys() == got.keys()
+    for name, g in expected.items():
+        assert relative_error(got[name], g) <= 1e-6, name
+
+
+def test_fp16_training_with_a_grad_scaler_stays_finite():
+    torch.manual_seed(0)
+    model = Conv2Former(TINY)
+    model.init_weights()
+    step = TrainStep(model, torch.randn(2, 3, 64, 64), 'fp16', lr=1e-3)
+    before = model.stages[2][0].mlp.fc1.weight.detach().clone()
+    losses = [step().item() for _ in range(3)]
+    assert step.scaler is not None and step.scaler.get_scale() > 0
+    assert all(math.isfinite(v) for v in losses)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(before, model.stages[2][0].mlp.fc1.weight)  # the updates were applied
+
+
+def test_compiled_training_step_matches_eager_under_autocast():
+    """torch.compile captures the whole backbone, selective checkpointing
+    included, as one graph, and the compiled model's gradients equal the
+    eager model's (aot_eager: the graph capture and the recompute partition,
+    without generating C++, which the slow inductor test below does)."""
+    x = torch.randn(2, 3, 64, 64)
+    arch = dict(TINY, depths=[1, 1, 1, 1])
+    eager = randomise(Conv2Former(arch)).train()
+    compiled_model = Conv2Former(arch).train()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, backend='aot_eager', dynamic=False, fullgraph=True)
+    expected = grads(eager, x, torch.bfloat16)
+    got = grads(compiled_model, x, torch.bfloat16, call=compiled)
+    for name, g in expected.items():
+        assert relative_error(got[name], g) <= 1e-2, name
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_step_matches_eager():
+    """The default backend, generating and compiling C++ (a minute or more)."""
+    x = torch.randn(1, 3, 32, 32)
+    arch = dict(channels=[8, 8, 8, 8], depths=[1, 1, 1, 1], kernel_size=5)
+    eager = randomise(Conv2Former(arch)).train()
+    compiled_model = Conv2Former(arch).train()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, dynamic=False)
+    expected = grads(eager, x, torch.bfloat16)
+    got = grads(compiled_model, x, torch.bfloat16, call=compiled)
+    for name, g in expected.items():
+        assert relative_error(got[name], g) <= 2e-2, name
+
+
+def test_settings_run_eager_first_and_quick_compiles_less(tool):
+    full = tool['settings'](tiny=False, quick=False, with_compile=True)
+    assert [s.compiled for s in full] == [False] * 6 + [True] * 6
+    assert [str(s) for s in full[:3]] == ['train bf16, batch 64 at 224x224, eager',
+                                          'train fp16, batch 64 at 224x224, eager',
+                                          'inference bf16, batch 64 at 224x224, eager']
+    assert {(s.mode, s.batch, s.side) for s in full} == {('train', 64, 224), ('train', 4, 1024),
+                                                         ('inference', 64, 224), ('inference', 1, 1024)}
+    quick = tool['settings'](tiny=False, quick=True, with_compile=True)
+    assert [str(s) for s in quick if s.compiled] == ['train bf16, batch 64 at 224x224, compiled',
+                                                     'inference bf16, batch 64 at 224x224, compiled']
+    assert not any(s.compiled for s in tool['settings'](tiny=True, quick=False, with_compile=False))
+
+
+def test_gpu_benchmark_runs_every_path_on_cpu(tool, tmp_path, capsys):
+    """``--device cpu --tiny``: the whole script at tiny shapes; every
+    correctness check passes, every setting gives a row per model."""
+    needs_convnext()
+    path = str(tmp_path / 'gpu.json')
+    result = tool['main'](['--device', 'cpu', '--tiny', '--json', path])
+    out = capsys.readouterr().out
+    assert [c['check'] for c in result['correctness'] if not c['passed']] == []
+    assert len(result["correctness"]) == 11 and not result['skipped']
+    settings = tool['settings'](tiny=True, quick=False, with_compile=True)
+    assert len(result['rows']) == 3 * len(settings)
+    for row in result['rows']:
+        assert row['img_per_s'] > 0 and row['peak_mib'] is None and row['repeats'] == 3  # memory: CUDA
+    assert result['rows'][0]['name'] == 'Conv2Former recompute=True'
+    assert result['rows'][2]['name'] == result['convnext'] and result['convnext'] in out
+    assert 'compiled' in out and '[FAILED]' not in out
+    assert json.load(open(path))['settings']['backend'] == 'aot_eager'
+
+
+def test_time_guard_skips_what_does_not_fit(tool, capsys):
+    """With no time left, every setting is skipped with a note (the
+    correctness block still runs: it comes first and is cheap)."""
+    needs_convnext()
+    result = tool['main'](['--device', 'cpu', '--tiny', '--budget', '0', '--no-compile'])
+    assert not result['rows'] and len(result['skipped']) == 3
+    assert all(s['note'].startswith('skipped') for s in result['skipped'])
+    assert 'skipped: needs about' in capsys.readouterr().out
+
+
+def test_cuda_is_refused_without_a_gpu(tool, capsys):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    with pytest.raises(SystemExit):
+        tool['main']([])
+    assert '--device cpu' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- CUDA
+@requires_cuda
+def test_cuda_peak_memory_counts_what_is_live_at_once():
+    existing = torch.ones(4_000_000, device='cuda')
+
+    def step():
+        a = torch.ones(1_000_000, device='cuda')
+        b = torch.ones(2_000_000, device='cuda')
+        del a
+        c = torch.ones(3_000_000, device='cuda')
+        return b.sum() + c.sum() + existing[0]
+
+    assert abs(peak_memory(step, 'cuda') - 5_000_000 * 4) <= 2 ** 16  # allocator rounding
+
+
+@requires_cuda
+def test_cuda_correctness_block_passes(tool):
+    """Gradients of every policy under fp32/bf16/fp16 autocast, layouts, and
+    fp16 steps with a GradScaler, on the GPU."""
+    checks = tool['correctness'](dict(TINY), 2, 64, 'cuda')
+    assert [c['check'] for c in checks if not c['passed']] == []
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype', ['bf16', 'fp16'])
+def test_cuda_compiled_training_step(dtype):
+    x = torch.randn(2, 3, 64, 64, device='cuda').contiguous(memory_format=torch.channels_last)
+    model = Conv2Former(dict(TINY, depths=[1, 1, 1, 1])).cuda().to(memory_format=torch.channels_last)
+    step = TrainStep(torch.compile(model, dynamic=False), x, dtype)
+    assert all(math.isfinite(step().item()) for _ in range(3))

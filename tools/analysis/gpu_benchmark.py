@@ -1,0 +1,378 @@
+"""Conv2Former-T against ConvNeXt-T on one GPU: one command, one table, under 8 minutes.
+
+    python tools/analysis/gpu_benchmark.py --json gpu_benchmark.json
+    python tools/analysis/gpu_benchmark.py --device cpu --tiny   # every path, tiny shapes, on a CPU
+
+It needs torch and mmengine (``import mmconv2former``) and, for the peer,
+mmpretrain's ConvNeXt or timm's ``convnext_tiny`` (the table says which). For
+an offline GPU node, ``tools/analysis/make_wheelhouse.sh`` makes a folder of
+wheels on a connected machine; ``docs/gpu_benchmark.md`` gives the steps.
+
+What it runs, in this order, printing each result as it comes:
+
+1. Correctness: gradients of ``recompute=True`` and ``with_cp=True`` against
+   ``recompute=False``'s under fp32, bf16 and fp16 autocast; every block's
+   output a contiguous ``(B, H, W, C)`` tensor and every feature map a
+   contiguous ``(B, C, H, W)`` one; a few fp16 training steps with a
+   GradScaler without a NaN.
+2. Speed and memory, every case on channels-last input: training steps
+   (forward, backward, AdamW; fp16 with a GradScaler as mmengine's
+   ``AmpOptimWrapper`` does) of Conv2Former-T with ``recompute`` on and off
+   and of ConvNeXt-T, bf16 and fp16 autocast, batch 64 at 224x224 and batch 4
+   at 1024x1024; inference (bf16 autocast) of Conv2Former-T, its
+   ``switch_to_deploy()`` form and ConvNeXt-T, batch 64 at 224x224 and batch 1
+   at 1024x1024; all eager, then all with ``torch.compile``. The models of one
+   setting are timed interleaved (``mmconv2former.engine.profiling``).
+
+A time guard keeps the whole run within ``--budget`` seconds: a setting whose
+estimated cost (compilation included) would overrun it is skipped with a note,
+compiled settings last. ``--quick`` times fewer settings.
+"""
+import argparse
+import copy
+import json
+import math
+import os.path as osp
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
+
+from mmconv2former.engine.profiling import (Case, TrainStep, autocast, build_convnext, describe,  # noqa: E402
+                                            machine, make_step, mean_of_outputs, paired_ratio,
+                                            peak_memory, summarise, synchronize, time_interleaved)
+from mmconv2former.models import Conv2Former, Conv2FormerBlock  # noqa: E402
+
+#: ``--tiny``: one block per stage, a kernel above 3x3 (and a ConvNeXt of the
+#: same widths and depths); small enough to compile in seconds.
+TINY_ARCH = dict(channels=[16, 32, 48, 64], depths=[1, 1, 1, 1], kernel_size=5)
+
+#: Largest accepted ``max |g - g_ref| / |g_ref|`` over parameter tensors,
+#: against recompute=False's gradients. Recomputation runs the same kernels on
+#: the same inputs, so the gradients agree to rounding; a wrong or missing
+#: gradient term shows as an error of order 1.
+GRAD_TOLERANCE = {'fp32': 1e-4, 'bf16': 1e-2, 'fp16': 1e-2}
+
+
+@dataclass
+class Setting:
+    """One group of cases timed together."""
+    mode: str        # 'train' or 'inference'
+    dtype: str       # 'bf16' or 'fp16'
+    batch: int
+    side: int
+    compiled: bool
+
+    def __str__(self) -> str:
+        return (f'{self.mode} {self.dtype}, batch {self.batch} at {self.side}x{self.side}, '
+                f'{"compiled" if self.compiled else "eager"}')
+
+
+def settings(tiny: bool, quick: bool, with_compile: bool) -> List[Setting]:
+    """The settings in the order they run: eager before compiled, 224 before
+    1024. ``quick`` compiles bf16 at 224 only; ``tiny`` runs every code path
+    once (fp16 compiled differs from bf16 compiled only in the GradScaler,
+    which runs outside the compiled model)."""
+    shapes = [((2, 64), (2, 64))] if tiny else [((64, 224), (64, 224)), ((4, 1024), (1, 1024))]
+    out = []
+    for compiled in ([False, True] if with_compile else [False]):
+        for i, ((train_batch, train_side), (infer_batch, infer_side)) in enumerate(shapes):
+            if compiled and quick and i > 0:
+                continue
+            dtypes = ['bf16'] if compiled and (quick or tiny) else ['bf16', 'fp16']
+            out += [Setting('train', d, train_batch, train_side, compiled) for d in dtypes]
+            out.append(Setting('inference', 'bf16', infer_batch, infer_side, compiled))
+    return out
+
+
+# ---------------------------------------------------------------------------- models
+def conv2former(arch: Union[str, dict], **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    model = Conv2Former(arch, **kwargs)
+    model.init_weights()
+    return model
+
+
+def models_for(setting: Setting, arch: Union[str, dict], convnext_arch: Union[str, dict],
+               convnext: str) -> List[Tuple[str, str, nn.Module]]:
+    """``(key, label, model)`` of one setting; the ConvNeXt last."""
+    name = 'Conv2Former-T' if arch == 't' else 'Conv2Former'
+    if setting.mode == 'train':
+        models = [('recompute', f'{name} recompute=True', conv2former(arch)),
+                  ('store-all', f'{name} recompute=False', conv2former(arch, recompute=False))]
+    else:
+        models = [('conv2former', name, conv2former(arch)),
+                  ('deploy', f'{name} switch_to_deploy()', conv2former(arch).eval().switch_to_deploy())]
+    torch.manual_seed(0)
+    peer, label = build_convnext(convnext_arch, library=convnext)
+    return models + [('convnext', label, peer)]
+
+
+def on_device(model: nn.Module, device: str, compiled: bool, backend: str) -> nn.Module:
+    model = model.to(device=device, memory_format=torch.channels_last)
+    return torch.compile(model, backend=backend, dynamic=False) if compiled else model
+
+
+# ---------------------------------------------------------------------------- correctness
+def gradients(model: nn.Module, x: torch.Tensor, dtype: str) -> Dict[str, torch.Tensor]:
+    model.train().zero_grad(set_to_none=True)
+    with autocast(x.device, dtype):
+        loss = mean_of_outputs(model(x))
+    # Scaled as a GradScaler would, so that fp16 gradients stay normal numbers.
+    (loss * 1024).backward()
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_gradients(arch: Union[str, dict], x: torch.Tensor) -> List[Dict[str, Any]]:
+    """Gradients of every memory policy against ``recompute=False``'s, under
+    each autocast dtype. Layer scales are set to 1 so that every branch of
+    every block counts in the gradient (at their 1e-6 init a wrong branch
+    would hardly show)."""
+    device = x.device
+    reference = conv2former(arch, recompute=False).to(device)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if 'layer_scale' in name:
+                p.fill_(1.0)
+    models = {}
+    for label, kwargs in (('recompute=True', dict(recompute=True)), ('with_cp=True', dict(with_cp=True))):
+        models[label] = conv2former(arch, **kwargs).to(device)
+        models[label].load_state_dict(reference.state_dict())
+    results = []
+    for dtype in ('fp32', 'bf16', 'fp16'):
+        expected = gradients(reference, x, dtype)
+        for label, model in models.items():
+            got = gradients(model, x, dtype)
+            finite = all(torch.isfinite(g).all() for g in got.values())
+            error = max(((got[n] - g).norm() / g.norm().clamp_min(1e-30)).item()
+                        for n, g in expected.items() if n in got)
+            missing = sorted(set(expected) - set(got))
+            results.append(dict(check=f'gradients {label} vs recompute=False, {dtype}', value=error,
+                                limit=GRAD_TOLERANCE[dtype],
+                                passed=finite and not missing and error <= GRAD_TOLERANCE[dtype]))
+    return results
+
+
+def check_layouts(arch: Union[str, dict], x: torch.Tensor) -> List[Dict[str, Any]]:
+    """Every block's output a contiguous (B, H, W, C) tensor and every feature
+    map a contiguous (B, C, H, W) one, under bf16 autocast, in training (the
+    blocks recomputed) and in eval mode."""
+    model = conv2former(arch).to(x.device)
+    blocks: List[bool] = []
+    for module in model.modules():
+        if isinstance(module, Conv2FormerBlock):
+            dim = module.attn.norm.normalized_shape[0]
+            module.register_forward_hook(
+                lambda m, i, out, dim=dim: blocks.append(out.is_contiguous() and out.shape[-1] == dim))
+    results = []
+    for mode in ('train', 'eval'):
+        blocks.clear()
+        model.train(mode == 'train')
+        with autocast(x.device, 'bf16'), torch.set_grad_enabled(mode == 'train'):
+            outs = model(x)
+        maps = [o.is_contiguous() and o.shape[1] == c for o, c in zip(outs, model.out_channels)]
+        results.append(dict(check=f'channels-last contiguous block outputs, {mode}',
+                            value=f'{sum(blocks)}/{len(blocks)}', passed=bool(blocks) and all(blocks)))
+        results.append(dict(check=f'contiguous NCHW feature maps, {mode}',
+                            value=f'{sum(maps)}/{len(maps)}', passed=all(maps)))
+    return results
+
+
+def check_fp16(arch: Union[str, dict], x: torch.Tensor, steps: int = 6) -> Dict[str, Any]:
+    """A few fp16 training steps with a GradScaler: every loss and every
+    weight finite, and most updates applied (the scaler skips an update
+    whose gradients overflowed, halving its scale)."""
+    model = conv2former(arch).to(device=x.device, memory_format=torch.channels_last)
+    step = TrainStep(model, x, 'fp16', lr=1e-3)
+    losses, scales = [], []
+    for _ in range(steps):
+        losses.append(step().item())
+        scales.append(step.scaler.get_scale())
+    skipped = sum(b < a for a, b in zip([65536.0] + scales, scales))
+    finite = all(math.isfinite(v) for v in losses) and all(torch.isfinite(p).all() for p in model.parameters())
+    return dict(check=f'fp16 + GradScaler, {steps} AdamW steps: losses and weights finite',
+                value=f'{skipped} skipped, final scale {scales[-1]:g}',
+                passed=finite and skipped < steps // 2)
+
+
+def correctness(arch: Union[str, dict], batch: int, side: int, device: str) -> List[Dict[str, Any]]:
+    x = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    # Deterministic kernels, so that the gradients differ by the policy only.
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        results = check_gradients(arch, x) + check_layouts(arch, x)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+    return results + [check_fp16(arch, x)]
+
+
+# ---------------------------------------------------------------------------- timing
+class Guard:
+    """Whether the next setting, or the next compilation, fits in the time
+    left, judged from what earlier ones took."""
+
+    #: Seconds assumed for one model's compilation before one has been seen.
+    FIRST_COMPILE = {'train': 60.0, 'inference': 30.0}
+
+    def __init__(self, budget: float, start: float) -> None:
+        self.deadline = start + budget
+        self.compile_s: Dict[str, float] = {}   # mode -> longest first step of a compiled model
+        self.step_s: Dict[Tuple[str, int], float] = {}  # (mode, side) -> longest eager step
+
+    def compile_estimate(self, mode: str) -> float:
+        return self.compile_s.get(mode, self.FIRST_COMPILE[mode])
+
+    def estimate(self, setting: Setting, cases: int, steps: int) -> float:
+        step = self.step_s.get((setting.mode, setting.side), 0.0)
+        return cases * ((self.compile_estimate(setting.mode) if setting.compiled else 0.0) + steps * step)
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard) -> Tuple[List[dict], Optional[str]]:
+    """Rows of one setting, or a note why it was skipped."""
+    steps = args.warmup + args.repeats + 1
+    estimate = guard.estimate(setting, 3, steps)
+    if estimate > guard.left():
+        return [], f'skipped: needs about {estimate:.0f} s, {max(guard.left(), 0):.0f} s of the budget left'
+    models = models_for(setting, args.arch, args.convnext_arch, args.convnext)
+    x = torch.randn(setting.batch, 3, setting.side, setting.side, device=args.device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    cases, first_step = [], {}
+    for key, label, model in models:
+        if setting.compiled and guard.compile_estimate(setting.mode) > guard.left():
+            return [], f'stopped: no time to compile model {len(cases) + 1} of {len(models)}'
+        net = on_device(model, args.device, setting.compiled, args.backend)
+        step = make_step(net, x, setting.mode == 'train', setting.dtype)
+        start = time.perf_counter()
+        step()  # compiles, searches cuDNN algorithms, creates the optimiser state
+        synchronize(args.device)
+        first_step[label] = time.perf_counter() - start
+        if setting.compiled:
+            guard.compile_s[setting.mode] = max(guard.compile_s.get(setting.mode, 0.0), first_step[label])
+        cases.append(Case(label, step, setting.batch, key))
+    time_interleaved(cases, args.repeats, args.warmup - 1, 1, args.device)
+    base = cases[-1]
+    # Memory on a GPU only: what max_memory_allocated says (on a CPU the
+    # profiler's count takes longer than the tiny steps; benchmark.py has it).
+    cuda = torch.device(args.device).type == 'cuda'
+    rows = []
+    for case in cases:
+        row = summarise(case)
+        row.update(setting=str(setting), speed_vs_convnext=paired_ratio(case, base)['median'],
+                   peak_mib=peak_memory(case.step, args.device) / 2 ** 20 if cuda else None,
+                   first_step_s=first_step[case.name])
+        guard.step_s[(setting.mode, setting.side)] = max(guard.step_s.get((setting.mode, setting.side), 0.0),
+                                                          row['ms_per_step'] / 1e3)
+        rows.append(row)
+    for row in rows:
+        row['memory_vs_convnext'] = row['peak_mib'] / rows[-1]['peak_mib'] if cuda else None
+    return rows, None
+
+
+HEAD = (f'{"setting":<44} {"model":<34} {"img/s":>9} {"(min-max)":>19} {"vs ConvNeXt":>11} '
+        f'{"peak MiB":>9} {"vs ConvNeXt":>11} {"1st step s":>10}')
+
+
+def print_row(row: Dict[str, Any]) -> None:
+    spread = f'({row["min"]:.1f}-{row["max"]:.1f})'
+    memory = (f'{row["peak_mib"]:9.1f} {row["memory_vs_convnext"]:10.2f}x' if row['peak_mib'] is not None
+              else f'{"-":>9} {"-":>11}')
+    print(f'{row["setting"]:<44} {row["name"]:<34} {row["img_per_s"]:9.1f} {spread:>19} '
+          f'{row["speed_vs_convnext"]:10.2f}x {memory} {row["first_step_s"]:10.1f}', flush=True)
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda', help='cuda (default), or cpu to check the paths')
+    parser.add_argument('--tiny', action='store_true',
+                        help='a tiny Conv2Former and ConvNeXt at 64x64, 3 repeats: checks every path in '
+                             'seconds (with --device cpu; compiles with the aot_eager backend unless '
+                             '--backend is given)')
+    parser.add_argument('--quick', action='store_true', help='compiled settings: bf16 at 224 only')
+    parser.add_argument('--no-compile', action='store_true', help='eager settings only')
+    parser.add_argument('--backend', help='torch.compile backend (default inductor; aot_eager with --tiny)')
+    parser.add_argument('--budget', type=float, default=400,
+                        help='seconds the whole run may take; settings that would overrun it are '
+                             'skipped with a note (default 400)')
+    parser.add_argument('--repeats', type=int, help='timed steps of every case (default 10; 3 with --tiny)')
+    parser.add_argument('--warmup', type=int, help='untimed steps of every case first, the compiling '
+                        'one included (default 3; 1 with --tiny)')
+    parser.add_argument('--convnext', choices=['auto', 'mmpretrain', 'timm'], default='auto',
+                        help="whose ConvNeXt-T: mmpretrain's where installed, else timm's (default auto)")
+    parser.add_argument('--json', metavar='PATH', help='also write the results to this JSON file')
+    args = parser.parse_args(argv)
+    if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
+        parser.error('no CUDA device here; use --device cpu (with --tiny) to check the paths')
+    args.arch, args.convnext_arch = (TINY_ARCH, {k: TINY_ARCH[k] for k in ('channels', 'depths')}) \
+        if args.tiny else ('t', 't')
+    args.repeats = args.repeats or (3 if args.tiny else 10)
+    args.warmup = args.warmup or (1 if args.tiny else 3)
+    args.backend = args.backend or ('aot_eager' if args.tiny else 'inductor')
+    if args.warmup < 1 or args.repeats < 1:
+        parser.error('--warmup and --repeats must be at least 1')
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    start = time.perf_counter()
+    args = parse_args(argv)
+    guard = Guard(args.budget, start)
+    if torch.device(args.device).type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    result: Dict[str, Any] = dict(machine=machine(), settings=copy.deepcopy(
+        {k: v for k, v in vars(args).items() if k != 'json'}), correctness=[], rows=[], skipped=[])
+    print(f'# {describe(result["machine"])}', flush=True)
+    try:
+        peer_label = build_convnext(args.convnext_arch, library=args.convnext)[1]
+    except ImportError as exc:
+        raise SystemExit(f'gpu_benchmark.py: {exc}') from None
+    result['convnext'] = peer_label
+    print(f'# peer: {peer_label}; Conv2Former {"tiny " + str(TINY_ARCH) if args.tiny else "T"}; '
+          f'channels-last input; {args.repeats} timed steps after {args.warmup} warm-up; '
+          f'compile backend {args.backend}; budget {args.budget:.0f} s', flush=True)
+
+    side = 64 if args.tiny else 224
+    print('# correctness (gradients: max over parameters of |g - g_ref| / |g_ref|)', flush=True)
+    for check in correctness(args.arch, 2, side, args.device):
+        result['correctness'].append(check)
+        value = f'{check["value"]:.2e} (limit {check["limit"]:g})' if 'limit' in check else check['value']
+        print(f'  [{"ok" if check["passed"] else "FAILED"}] {check["check"]}: {value}', flush=True)
+
+    print('# speed: img/s median (min-max) of the timed steps; "vs ConvNeXt": paired median ratio; '
+          'peak MiB: max_memory_allocated during one step above the weights, optimiser state and '
+          'input; 1st step s: the first step (compilation included)', flush=True)
+    print(HEAD, flush=True)
+    for setting in settings(args.tiny, args.quick, not args.no_compile):
+        rows, note = run_setting(setting, args, guard)
+        for row in rows:
+            print_row(row)
+        result['rows'] += rows
+        if note:
+            result['skipped'].append(dict(setting=str(setting), note=note))
+            print(f'{str(setting):<44} {note}', flush=True)
+        if setting.compiled:
+            torch._dynamo.reset()  # a fresh cache per setting: no recompilation limit is reached
+        if torch.device(args.device).type == 'cuda':
+            torch.cuda.empty_cache()
+    result['seconds'] = time.perf_counter() - start
+    failed = [c['check'] for c in result['correctness'] if not c['passed']]
+    print(f'# {len(result["rows"])} rows, {len(result["skipped"])} settings skipped, '
+          f'{len(failed)} correctness checks failed, {result["seconds"]:.0f} s', flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f'# results: {args.json}', flush=True)
+    return result
+
+
+if __name__ == '__main__':
+    sys.exit(1 if any(not c['passed'] for c in main()['correctness']) else 0)
