@@ -68,6 +68,10 @@ if __name__ == '__main__':
             'mm': read_requirements('mminstall.txt'),
             'tests': read_requirements('tests.txt'),
             'deploy': read_requirements('deploy.txt'),
+            # pip cannot say --no-deps / --no-binary for one requirement: the
+            # supported install is tools/setup_env.sh (see requirements/pose.txt)
+            'pose': [r for r in read_requirements('pose.txt') if not r.startswith('-')],
+            'action': read_requirements('action.txt'),
         },
         license='Apache License 2.0',
         zip_safe=False,

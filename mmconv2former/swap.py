@@ -1,13 +1,15 @@
-"""Put Conv2Former into any mmdet, mmseg or mmpretrain config.
+"""Put Conv2Former into any mmdet, mmseg, mmpretrain, mmpose or mmaction2 config.
 
 :func:`swap_backbone` reads a config, builds its backbone and runs a tiny
 forward to learn each output's channels and stride (so any registered backbone
 works, not a table of known ones), maps every output to the Conv2Former stage
 of the same stride, rewrites the channel arguments of exactly the modules that
 read the backbone (the neck when there is one, otherwise the heads), and
-writes a short delta config over the source (``_base_ = SRC``). Where it
-cannot see how the backbone's outputs are consumed it raises
-:class:`SwapError` naming what to set by hand, and writes nothing.
+writes a short delta config over the source (``_base_ = SRC``). A neck
+without channel arguments (mmpretrain's pooling, mmpose's
+``FeatureMapProcessor``) is run on maps of both widths to learn what the heads
+behind it read. Where it cannot see how the backbone's outputs are consumed
+it raises :class:`SwapError` naming what to set by hand, and writes nothing.
 :func:`check_config` builds the result and runs one training step and one
 prediction on a tiny synthetic batch. ``tools/misc/swap_backbone.py`` is the
 command line.
@@ -23,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.config import Config
+from mmengine.registry import DefaultScope
 
 from .models import Conv2Former
 
@@ -32,15 +35,16 @@ STD = [58.395, 57.12, 57.375]
 # Our detection configs' rates (mask_rcnn/*_1x_coco.py); n from classification.
 DROP_PATH_RATES = {'n': 0.1, 't': 0.2, 's': 0.3, 'b': 0.4, 'b_22k': 0.4, 'l': 0.4}
 
-# Necks that pool each map and keep its channels (mmpretrain's classifiers):
-# the head behind them reads the backbone's channels.
-CHANNEL_AGNOSTIC_NECKS = {'GlobalAveragePooling', 'GeneralizedMeanPooling'}
 # model.* entries that never read the backbone's features.
 NON_READERS = {'type', '_scope_', 'backbone', 'neck', 'data_preprocessor', 'train_cfg', 'test_cfg',
                'init_cfg', 'pretrained', 'panoptic_fusion_head'}
 # model.* entries that read the backbone's features when there is no neck.
 HEADS = ('decode_head', 'auxiliary_head', 'head', 'bbox_head', 'rpn_head', 'panoptic_head',
-         'mask_head', 'semantic_head')
+         'mask_head', 'semantic_head', 'cls_head')
+# Libraries whose heads resize or pool whatever stride they get: there a
+# dilated source backbone (repeated strides) maps to deeper stages in order.
+STRIDE_FREE = {'mmseg': 'the segmentation heads resize to the image, as in mmseg\'s -d32 configs',
+               'mmpretrain': 'the classifier pools globally', 'mmaction': 'the recognizer pools globally'}
 # Layer-decay constructors that dispatch on the backbone's class name.
 NAME_BOUND_DECAY = {'LearningRateDecayOptimizerConstructor', 'LearningRateDecayOptimWrapperConstructor'}
 
@@ -96,11 +100,12 @@ def _registry(library: str):
 
 
 def probe_backbone(backbone_cfg: dict, library: str, src: str = 'the config',
-                   sizes: Sequence[int] = (128, 224, 512)) -> Tuple[List[int], List[int]]:
-    """Build a backbone and run one image through it: ``(channels, strides)``
-    of its outputs, in the order it returns them."""
+                   sizes: Sequence[int] = (128, 224, 512), batch: int = 1) -> Tuple[List[int], List[int]]:
+    """Build a backbone and run ``batch`` images through it: ``(channels,
+    strides)`` of its outputs, in the order it returns them. (A backbone that
+    shifts features between a clip's frames, mmaction2's ``ResNetTSM``, needs
+    a batch of whole clips.)"""
     from mmengine.model import revert_sync_batchnorm
-    from mmengine.registry import DefaultScope
     registry = _registry(library)
     cfg = copy.deepcopy(backbone_cfg)
     cfg.pop('init_cfg', None)  # no downloads: only the shapes matter
@@ -112,7 +117,7 @@ def probe_backbone(backbone_cfg: dict, library: str, src: str = 'the config',
     for size in sizes:  # some backbones want a minimum (or fixed) input size
         try:
             with torch.no_grad():
-                outs = model(torch.rand(1, 3, size, size))
+                outs = model(torch.rand(batch, 3, size, size))
         except Exception as exc:  # noqa: BLE001  (any failure: try the next size)
             error = exc
             continue
@@ -129,6 +134,33 @@ def probe_backbone(backbone_cfg: dict, library: str, src: str = 'the config',
         return channels, [int(round(s)) if abs(s - round(s)) < 0.2 else s for s in strides]
     raise SwapError(src, [f'could not run the source backbone {cfg.get("type")} on a random image '
                           f'({type(error).__name__}: {error})'])
+
+
+def _reads_channels(cfg: Any) -> bool:
+    """Whether a config (or any dict nested in it) has a ``*in_channels`` argument."""
+    if isinstance(cfg, dict):
+        return any(k.endswith('in_channels') or _reads_channels(v) for k, v in cfg.items())
+    if isinstance(cfg, (list, tuple)):
+        return any(_reads_channels(v) for v in cfg)
+    return False
+
+
+def probe_neck(neck_cfg: dict, library: str, channels: Sequence[int], strides: Sequence[Union[int, float]],
+               size: int = 256) -> Tuple[List[int], List[Optional[Union[int, float]]]]:
+    """Run zero maps of ``channels`` at ``strides`` through a neck without
+    channel arguments: ``(channels, strides)`` of what it hands the heads
+    (stride None for pooled, non-spatial outputs)."""
+    with DefaultScope.overwrite_default_scope(library):
+        neck = _registry(library).build(copy.deepcopy(neck_cfg))
+    neck.eval()
+    maps = tuple(torch.zeros(1, c, max(round(size / s), 1), max(round(size / s), 1))
+                 for c, s in zip(channels, strides))
+    with torch.no_grad():
+        outs = neck(maps)
+    outs = (outs, ) if torch.is_tensor(outs) else tuple(outs)
+    out_strides = [size / o.shape[-1] if o.ndim == 4 else None for o in outs]
+    return ([int(o.shape[1]) for o in outs],
+            [int(round(s)) if s is not None and abs(s - round(s)) < 0.2 else s for s in out_strides])
 
 
 def map_stages(strides: Sequence[Union[int, float]], library: str) -> Tuple[Tuple[int, ...], List[str], List[str]]:
@@ -165,14 +197,16 @@ def map_stages(strides: Sequence[Union[int, float]], library: str) -> Tuple[Tupl
             'read stages 0-3)']
     new_strides = [4 * 2 ** s for s in stages]
     if new_strides != list(strides):
-        if library == 'mmdet':
+        if library not in STRIDE_FREE:
+            tied = ("the detector's anchors / RoI extractors" if library == 'mmdet' else
+                    "the heatmap / SimCC sizes of the pose codec" if library == 'mmpose' else "the heads")
             return tuple(stages), [], [
                 f'the backbone is dilated (outputs at strides {list(strides)}); Conv2Former has no '
-                f'dilation, so they would become strides {new_strides}, and the detector\'s anchors / '
-                'RoI extractors are tied to the old ones. Start from the undilated variant of the config']
+                f'dilation, so they would become strides {new_strides}, and {tied} are tied to the old '
+                'ones. Start from the undilated variant of the config']
         notes.append(f'dilated source backbone: outputs at strides {list(strides)} become Conv2Former '
-                     f'stages {list(stages)} at strides {new_strides} (Conv2Former has no dilation; the '
-                     'segmentation heads resize to the image, as in mmseg\'s -d32 configs)')
+                     f'stages {list(stages)} at strides {new_strides} (Conv2Former has no dilation; '
+                     f'{STRIDE_FREE[library]})')
     return tuple(stages), notes, problems
 
 
@@ -188,8 +222,10 @@ def find_consumers(model: dict) -> Tuple[List[str], List[str]]:
     neck = model.get('neck')
     if isinstance(neck, (list, tuple)) and neck:
         return ['neck[0]'], []  # a chain of necks: only the first reads the backbone
-    if isinstance(neck, dict) and _type_name(neck) not in CHANNEL_AGNOSTIC_NECKS:
+    if isinstance(neck, dict) and _reads_channels(neck):
         return ['neck'], []
+    # no neck, or one without channel arguments (pooling, mmpose's
+    # FeatureMapProcessor): the heads' widths follow the backbone's
     consumers, problems = [], []
     for key, value in model.items():
         if key in NON_READERS or not isinstance(value, (dict, list, tuple)) or not value:
@@ -286,11 +322,16 @@ def _fmt(value: Any, indent: int = 0) -> str:
     if isinstance(value, dict):
         if not value:
             return 'dict()'
-        items = [f'{k}={_fmt(v, indent + 4)}' for k, v in value.items()]
-        one_line = f'dict({", ".join(items)})'
+        if all(isinstance(k, str) and k.isidentifier() for k in value):
+            items = [f'{k}={_fmt(v, indent + 4)}' for k, v in value.items()]
+            open_, close = 'dict(', ')'
+        else:  # keys such as custom_keys' parameter names
+            items = [f'{k!r}: {_fmt(v, indent + 4)}' for k, v in value.items()]
+            open_, close = '{', '}'
+        one_line = f'{open_}{", ".join(items)}{close}'
         if len(one_line) + indent <= 96 and '\n' not in one_line:
             return one_line
-        return 'dict(\n' + ',\n'.join(pad + i for i in items) + ')'
+        return open_ + '\n' + ',\n'.join(pad + i for i in items) + close
     if isinstance(value, (list, tuple)):
         items = [_fmt(v, indent + 4) for v in value]
         open_, close = ('[', ']') if isinstance(value, list) else ('(', ',)' if len(value) == 1 else ')')
@@ -311,6 +352,8 @@ def _plain(value: Any) -> Any:
 
 def _preprocessor_delta(pre: dict, library: str) -> dict:
     delta = dict(mean=list(MEAN), std=list(STD))
+    if library == 'mmaction':  # its decoders (decord, PyAV, RawFrameDecode) give RGB frames
+        return delta
     if 'to_rgb' in pre or (library == 'mmpretrain' and 'bgr_to_rgb' not in pre):
         delta['to_rgb'] = True
     else:
@@ -343,13 +386,31 @@ def _pretrained_init(path: str, arch: dict) -> Tuple[dict, str]:
     return init, why
 
 
+def _featuremap_size(head: dict, where: str, stride: Union[int, float, None],
+                     delta: dict) -> Tuple[List[str], List[str]]:
+    """RTMPose's ``RTMCCHead`` flattens a map of ``in_featuremap_size``, which
+    is its ``input_size`` over the stride of the map it reads: keep it when it
+    still matches, else rewrite it (into ``delta``). ``(changes, notes)``."""
+    size, input_size = head.get('in_featuremap_size'), head.get('input_size')
+    if size is None or input_size is None or not isinstance(stride, int):
+        return [], []
+    want = tuple(int(v) // stride for v in input_size)
+    if tuple(size) == want:
+        return [], [f'model.{where}.in_featuremap_size {tuple(size)} = input_size {tuple(input_size)} / stride '
+                    f'{stride}: unchanged (Conv2Former\'s map has the same stride)']
+    delta['in_featuremap_size'] = want
+    return [f'model.{where}.in_featuremap_size: {tuple(size)} -> {want} (input_size {tuple(input_size)} / '
+            f'stride {stride})'], []
+
+
 def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Optional[str] = None,
                   layer_decay: Optional[float] = None, drop_path_rate: Optional[float] = None,
                   force: bool = False) -> SwapResult:
     """Write ``dst``: ``src`` with its backbone replaced by Conv2Former.
 
     Args:
-        src: a config path, or ``mmdet::...``, ``mmseg::...``, ``mmpretrain::...``.
+        src: a config path, or ``mmdet::...``, ``mmseg::...``, ``mmpretrain::...``,
+            ``mmpose::...``, ``mmaction::...``.
         arch: a Conv2Former arch name or dict (see :meth:`Conv2Former.parse_arch`).
         dst: the delta config to write.
         pretrained: a Conv2Former checkpoint (the release's or converted) for
@@ -387,23 +448,82 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
         raise SwapError(src, ['the config has no model.backbone (wrappers such as semi-supervised '
                               'detectors keep it under model.detector: swap the inner config)'])
     old_type = _type_name(model.backbone)
-    old_channels, old_strides = probe_backbone(_plain(model.backbone), library, src)
+    pre = model.get('data_preprocessor') or cfg.get('data_preprocessor') or {}
+    if library == 'mmaction' and pre.get('format_shape', 'NCHW') != 'NCHW':
+        raise SwapError(src, [
+            f'the model reads {pre["format_shape"]} input ({_type_name(model)} with the '
+            f'{old_type} backbone): Conv2Former is a 2D backbone that sees single frames. Start from a 2D '
+            "recognizer's config (Recognizer2D, data_preprocessor.format_shape='NCHW', e.g. TSN or TSM)"])
+    try:
+        old_channels, old_strides = probe_backbone(_plain(model.backbone), library, src)
+        segments = None
+    except SwapError:
+        # A backbone that shifts features between the frames of a clip (TSM)
+        # runs only on whole clips: the head's or its own number of segments.
+        from .engine.runtime import config_argument
+        segments = config_argument(model.backbone, 'num_segments', _registry(library)) \
+            if library == 'mmaction' else None
+        if not segments:
+            raise
+        old_channels, old_strides = probe_backbone(_plain(model.backbone), library, src, batch=segments)
     out_indices, notes, problems = map_stages(old_strides, library)
     if problems:  # the consumers cannot be mapped either
         raise SwapError(src, problems)
-    new_channels = [settings['channels'][s] for s in out_indices]
-    consumers, consumer_problems = find_consumers(model)
-    problems += consumer_problems
     changes: List[str] = []
     model_delta: Dict[str, Any] = {}
+    neck = _plain(model.get('neck'))
+    if out_indices[-1] < 3 and library == 'mmpose' and neck is None and len(out_indices) == 1:
+        # HRNet-style: one high-resolution map computed through the whole
+        # network. Conv2Former's map at that stride comes after one stage, so
+        # the head reads all later stages too, resized and concatenated
+        # (HRNetV2's representation, mmpose's own parameter-free neck).
+        stride = 4 * 2 ** out_indices[0]
+        out_indices = tuple(range(out_indices[0], 4))
+        neck = model_delta['neck'] = dict(type='FeatureMapProcessor', concat=True)
+        changes.append(f'model.neck: FeatureMapProcessor(concat=True) added: {old_type}\'s stride-{stride} '
+                       f'output is computed through its whole depth, Conv2Former\'s after stage '
+                       f'{out_indices[0]} only, so stages {list(out_indices)} are resized to stride {stride} '
+                       'and concatenated for the head (as in mmpose\'s HRNetV2 configs)')
+    elif out_indices[-1] < 3:
+        problems.append(
+            f'the source reads outputs at strides {list(old_strides)} only; Conv2Former\'s stages after '
+            f'{out_indices[-1]} would run with nothing reading them (unused parameters, which also stop DDP '
+            'training). Read the stride-32 output too (backbone out_indices and the consumers\' in_channels), '
+            'or start from a config whose heads read stride 32 (for pose: the ResNet or Swin recipe)')
+    new_channels = [settings['channels'][s] for s in out_indices]
+    new_strides = [4 * 2 ** s for s in out_indices]
+    if segments:
+        notes.append(f'the source backbone mixes the frames of a clip (it runs on whole clips of '
+                     f'num_segments={segments} frames only); Conv2Former sees each frame alone, so the model '
+                     "becomes TSN-like: the head's consensus over the segments is its only temporal step")
+    # What the heads read: the backbone's maps, or a channel-free neck's outputs.
+    read_old, read_new = (old_channels, old_strides), (new_channels, new_strides)
+    if isinstance(neck, dict) and not _reads_channels(neck):
+        try:
+            read_old = probe_neck(neck, library, old_channels, old_strides)
+            read_new = probe_neck(neck, library, new_channels, new_strides)
+        except Exception as exc:  # noqa: BLE001  (any failure: say which neck and why)
+            raise SwapError(src, problems + [
+                f'could not run model.neck ({_type_name(neck)}) on maps of the backbone\'s widths '
+                f'({type(exc).__name__}: {exc}); set the channels of the heads behind it by hand']) from None
+        if read_old[0] != old_channels:
+            notes.append(f'model.neck ({_type_name(neck)}) has no channel arguments: the heads read its '
+                         f'outputs, channels {read_old[0]} -> {read_new[0]}')
+    consumers, consumer_problems = find_consumers(dict(model, neck=neck) if neck else model)
+    problems += consumer_problems
     default_in_index = -1 if library == 'mmseg' else None  # mmseg heads read the last output by default
     if not problems:
         for where in consumers:
             consumer = _plain(_get(model, where))
+            old, new = (old_channels, new_channels) if where.startswith('neck') else (read_old[0], read_new[0])
             delta, consumer_changes, consumer_problems = rewrite_consumer(
-                consumer, where, old_channels, new_channels, default_in_index)
+                consumer, where, old, new, default_in_index)
             problems += consumer_problems
             changes += consumer_changes
+            if not where.startswith('neck'):
+                fmap_change, fmap_note = _featuremap_size(consumer, where, read_new[1][-1], delta)
+                changes += fmap_change
+                notes += fmap_note
             key = where.split('[')[0]
             if '[' in where:  # lists replace as a whole in mmengine's configs
                 full = model_delta.setdefault(key, _plain(model[key]))
@@ -415,6 +535,13 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
 
     backbone = dict(_delete_=True, type='Conv2Former', arch=arch_key or settings,
                     out_indices=out_indices, drop_path_rate=drop_path_rate)
+    if library == 'mmaction':
+        # mmaction2's recognizers take a backbone's single output out of its
+        # tuple only for backbones they know come from mmpretrain (as its own
+        # configs for mmpretrain backbones do); the name resolves to ours.
+        backbone['type'] = 'mmpretrain.Conv2Former'
+        changes.append("model.backbone.type 'mmpretrain.Conv2Former': mmaction2's Recognizer2D unpacks the "
+                       "tuple of outputs only for backbones from mmpretrain's scope")
     if pretrained is not None:
         backbone['init_cfg'], why = _pretrained_init(pretrained, settings)
         changes.append(f'model.backbone.init_cfg: {pretrained} with prefix={backbone["init_cfg"]["prefix"]!r} '
@@ -431,7 +558,9 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
             (model_delta if owner is model else top_level)['data_preprocessor'] = delta
             was = ', '.join(f'{k}={pre[k]}' for k in ('mean', 'std', 'bgr_to_rgb', 'to_rgb', 'rgb_to_bgr')
                             if k in pre)
-            changes.append(f"{name}: Conv2Former's ImageNet mean/std on RGB images (was {was})")
+            rgb = ("RGB frames, the source's channel order kept: mmaction2's decoders give RGB"
+                   if library == 'mmaction' else 'RGB images')
+            changes.append(f"{name}: Conv2Former's ImageNet mean/std on {rgb} (was {was})")
     if not any('data_preprocessor' in c for c in changes):
         notes.append('no data preprocessor with mean/std found: normalise the images with mean '
                      f'{MEAN}, std {STD}, in RGB order, where your pipeline does')
@@ -451,6 +580,20 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
         changes.append(f'optim_wrapper: constructor {old_constructor or "default"} -> '
                        f'LayerDecayOptimWrapperConstructor (decay_rate {rate}, {decay_type})'
                        + (f'; paramwise_cfg {_plain(old_pw)} replaced' if old_pw else ''))
+    elif old_constructor == 'TSMOptimWrapperConstructor':
+        # It sorts parameters by module class (convolutions, Linear, BatchNorm)
+        # and refuses any other (Conv2Former's LayerNorm); mmengine's default
+        # constructor gives the same multipliers by parameter kind and name.
+        fc_lr5 = (wrapper.get('paramwise_cfg') or {}).get('fc_lr5', False)
+        paramwise = dict(_delete_=True, bias_lr_mult=2.0, bias_decay_mult=0.0, norm_decay_mult=0.0)
+        if fc_lr5:
+            paramwise['custom_keys'] = {'cls_head.fc_cls.weight': dict(lr_mult=5.0),
+                                        'cls_head.fc_cls.bias': dict(lr_mult=10.0, decay_mult=0.0)}
+        top_level['optim_wrapper'] = dict(constructor='DefaultOptimWrapperConstructor', paramwise_cfg=paramwise)
+        changes.append('optim_wrapper: constructor TSMOptimWrapperConstructor (accepts convolution, Linear and '
+                       'BatchNorm parameters only) -> DefaultOptimWrapperConstructor with its multipliers: biases '
+                       'lr x2 and no weight decay, norms no weight decay'
+                       + (', the classifier lr x5 (bias x10)' if fc_lr5 else ''))
     imports = (cfg.get('custom_imports') or {}).get('imports') or []
     imports = [imports] if isinstance(imports, str) else list(imports)
     imports = [i for i in imports if i != 'mmconv2former'] + ['mmconv2former']
@@ -463,9 +606,11 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
     lines = [f'backbone {old_type} (outputs channels@stride: {old_desc}) -> Conv2Former stages '
              f'{list(out_indices)} ({new_desc}){", the same strides" if same else ""}']
     lines += changes + notes
-    if 'optim_wrapper' not in top_level:
+    if 'optim_wrapper' not in top_level and library == 'mmdet':
         lines.append("optimiser and schedule: the source's (our COCO configs use AdamW, lr 1e-4, weight "
                      'decay 0.05 and layer-wise lr decay 0.95: see --layer-decay)')
+    elif 'optim_wrapper' not in top_level:
+        lines.append("optimiser and schedule: the source's (--layer-decay adds layer-wise lr decay)")
     header = [f'# {osp.basename(src)} with a Conv2Former backbone ({settings_text}).',
               '# Written by tools/misc/swap_backbone.py as a delta over the source config:']
     for line in lines:
@@ -485,7 +630,7 @@ def swap_backbone(src: str, arch: Union[str, dict], dst: str, pretrained: Option
         with os.fdopen(fd, 'w') as f:
             f.write(text)
         written = Config.fromfile(tmp)
-        assert written.model.backbone.type == 'Conv2Former', written.model.backbone
+        assert written.model.backbone.type == backbone['type'], written.model.backbone
         os.replace(tmp, dst)
     finally:
         if osp.exists(tmp):
@@ -507,50 +652,21 @@ def _check_size(model_cfg: dict, size: int) -> int:
     return size
 
 
-def _synthetic_batch(model_cfg: dict, library: str, size: int, batch: int = 2) -> dict:
-    g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g) for _ in range(batch)]
-    meta = dict(ori_shape=(size, size), img_shape=(size, size), pad_shape=(size, size), scale_factor=(1.0, 1.0))
-    if library == 'mmdet':
-        from mmdet.testing import demo_mm_inputs
-        panoptic = (model_cfg.get('panoptic_fusion_head') or {}).get('num_stuff_classes', 0) > 0 \
-            or 'semantic_head' in model_cfg
-        # masks only for models that learn them (RTMDet's assigner reads any it is given)
-        masks = any(word in repr(model_cfg) for word in ('loss_mask', 'mask_head'))
-        # num_classes=2: mmdet draws labels from [1, num_classes)
-        return demo_mm_inputs(batch, [(3, size, size)] * batch, num_items=[2] * batch, num_classes=2,
-                              with_mask=masks, with_semantic=panoptic)
-    if library == 'mmseg':
-        from mmengine.structures import PixelData
-        from mmseg.structures import SegDataSample
-        head = model_cfg.get('decode_head')
-        head = head[0] if isinstance(head, (list, tuple)) else head
-        classes = int(head.get('num_classes', 2))
-        samples = []
-        for _ in range(batch):
-            sample = SegDataSample(metainfo=meta)
-            labels = torch.randint(0, classes, (1, size, size), generator=g)
-            sample.gt_sem_seg = PixelData(data=labels)
-            samples.append(sample)
-        return dict(inputs=images, data_samples=samples)
-    from mmpretrain.structures import DataSample
-    return dict(inputs=images, data_samples=[DataSample(metainfo=meta).set_gt_label(0) for _ in range(batch)])
-
-
 def check_config(path: str, size: int = 224, batch: int = 2) -> Dict[str, Any]:
     """Build the model of ``path`` (CPU), run one training step of its
     optimiser on a synthetic batch and one prediction.
 
     Returns ``loss``, ``params``, ``backbone_params``, ``predictions`` (the
-    number of results) and ``size`` (the side used). Raises if a loss is not
-    finite or a prediction is missing.
+    number of results), ``size`` (the side asked for, raised for DETR-style
+    detectors) and ``shape`` (the images' ``(H, W)``: a pose model's codec
+    decides its own). Raises if a loss is not finite or a prediction is
+    missing.
     """
     from mmengine.logging import MMLogger
     from mmengine.model import revert_sync_batchnorm
     from mmengine.optim import build_optim_wrapper
-    from mmengine.registry import DefaultScope
 
-    from .engine.runtime import adapt_to_device
+    from .engine.runtime import adapt_to_device, synthetic_batch
     # init_weights logs every parameter's initialiser at INFO: keep warnings only
     MMLogger.get_instance(f'swap_check_{id(path)}', log_level='WARNING')
     cfg = Config.fromfile(path)
@@ -572,15 +688,17 @@ def check_config(path: str, size: int = 224, batch: int = 2) -> Dict[str, Any]:
         model.init_weights()
         wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
         model.train()
-        log_vars = model.train_step(_synthetic_batch(cfg.model, library, size, batch), wrapper)
+        data = synthetic_batch(cfg.model, library, size, batch)
+        shape = tuple(int(v) for v in data['inputs'][0].shape[-2:])  # a pose codec's own input size
+        log_vars = model.train_step(data, wrapper)
         loss = float(log_vars['loss'].detach())
         if not math.isfinite(loss):
             raise FloatingPointError(f'the training step of {path} gave a non-finite loss: {log_vars}')
         model.eval()
         with torch.no_grad():
-            results = model.test_step(_synthetic_batch(cfg.model, library, size, batch))
+            results = model.test_step(synthetic_batch(cfg.model, library, size, batch))
     if len(results) != batch:
         raise RuntimeError(f'prediction returned {len(results)} results for {batch} images')
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return dict(loss=loss, params=count(model), backbone_params=count(model.backbone),
-                predictions=len(results), size=size, library=library)
+                predictions=len(results), size=size, shape=shape, library=library)

@@ -8,15 +8,14 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import ROOT  # noqa: F401  (puts the checkout on sys.path)
+from conftest import ROOT, TINY  # noqa: F401  (ROOT: puts the checkout on sys.path)
 from mmconv2former.swap import MEAN, STD, SwapError, check_config, resolve_config, swap_backbone
 
 pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 
-# A small arch keeps every check to seconds on a CPU; the mapping logic does
+# The tiny arch keeps every check to seconds on a CPU; the mapping logic does
 # not depend on the widths.
-TINY = dict(channels=[16, 32, 48, 64], depths=[1, 1, 1, 1], kernel_size=5)
 C = TINY['channels']
 
 # (source config, Conv2Former stages the outputs map to, expected channel

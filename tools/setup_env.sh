@@ -4,6 +4,7 @@
 # `${PYTHON:-python3}` is).
 #
 #   bash tools/setup_env.sh            # install what is missing, then self-check
+#   MMCONV2FORMER_EXTRAS="pose" bash tools/setup_env.sh   # only some optional extras
 #
 # What it does, and why:
 #   1. keeps an installed torch + torchvision pair when it imports and is new
@@ -16,9 +17,18 @@
 #      never mistaken for this one (pip's own cache keys by sdist only);
 #   3. installs mmengine, mmdet, mmsegmentation, mmpretrain and the test tools
 #      from requirements/, then this package in editable mode;
-#   4. runs a self-check (imports, an mmcv RoIAlign op, this checkout being the
-#      installed mmconv2former), builds the native CPU training kernel, and
-#      says what failed.
+#   4. installs the optional extras named in $MMCONV2FORMER_EXTRAS (default: all
+#      three), so that their tests run instead of skipping:
+#        deploy  ONNX export tools (requirements/deploy.txt);
+#        pose    mmpose 1.3.2 (requirements/pose.txt) with xtcocotools compiled
+#                against the installed numpy (the PyPI wheel is built for numpy
+#                1.x and fails under numpy 2), without chumpy, which nothing
+#                imports;
+#        action  mmaction2 1.2.0 (requirements/action.txt), from a wheel built
+#                from its sdist without the DRN localizer whose files the
+#                release lacks (open-mmlab/mmaction2#2714), cached like mmcv's;
+#   5. runs a self-check (imports, an mmcv RoIAlign op, this checkout being the
+#      installed mmconv2former, the extras) and says what failed.
 # A second run finds everything in place and takes seconds.
 set -euo pipefail
 
@@ -43,11 +53,24 @@ die() { printf '[setup_env] ERROR: %s\n' "$*" >&2; exit 1; }
 STAMP_DIR="$CACHE_DIR/stamps"
 STAMP_KEY="$( { cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "${BASH_SOURCE[0]}"; echo "$ROOT"; \
   "$PY" -c 'import sys; print(sys.prefix, sys.version)'; } | sha256sum | cut -c1-16)"
-if [ -f "$STAMP_DIR/$STAMP_KEY" ] && (cd / && "$PY" - "$ROOT") <<'PYCHECK' 2>/dev/null
-import os.path as osp, sys
+EXTRAS="${MMCONV2FORMER_EXTRAS-deploy pose action}"
+# What must import for each extra to count as installed.
+extra_modules() {
+  case "$1" in
+    deploy) echo onnx onnxruntime;; pose) echo mmpose.models xtcocotools._mask;; action) echo mmaction.models;;
+    *) die "unknown extra '$1' in MMCONV2FORMER_EXTRAS (deploy, pose, action)";;
+  esac
+}
+EXTRA_MODULES="$(for extra in $EXTRAS; do extra_modules "$extra" || exit 1; done)" || exit 1
+has_extra() { case " $EXTRAS " in *" $1 "*) return 0;; esac; return 1; }
+STAMP_KEY="$( { echo "$STAMP_KEY" $EXTRAS; } | sha256sum | cut -c1-16)"
+if [ -f "$STAMP_DIR/$STAMP_KEY" ] && (cd / && "$PY" - "$ROOT" $EXTRA_MODULES) <<'PYCHECK' 2>/dev/null
+import importlib, os.path as osp, sys
 import mmconv2former, mmdet, mmseg, mmpretrain  # noqa: F401
 from mmcv.ops import roi_align  # noqa: F401  (loads the compiled ops)
 assert osp.dirname(osp.dirname(osp.abspath(mmconv2former.__file__))) == sys.argv[1]
+for name in sys.argv[2:]:  # the extras' modules
+    importlib.import_module(name)
 PYCHECK
 then
   say "already set up for this checkout and Python (stamp $STAMP_KEY); nothing to do"
@@ -134,14 +157,63 @@ fi
   || die "pip replaced the mmcv build (now $(installed_mmcv)); rerun this script"
 "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT" || die "installing mmconv2former failed"
 
-# ---------------------------------------------------------------- 4. self-check
-(cd / && "$PY" - "$ROOT") <<'EOF' || die "self-check failed: see the message above"
+# ---------------------------------------------------------------- 4. optional extras
+if has_extra deploy; then
+  "${PIP[@]}" install -r "$ROOT/requirements/deploy.txt" \
+    || die "installing the ONNX tools (requirements/deploy.txt) failed"
+fi
+if has_extra pose; then
+  # A wheel built for numpy 1.x (PyPI's 1.14.3, or one in pip's cache) fails
+  # to import under numpy 2: compile xtcocotools against the numpy installed
+  # here, without build isolation (which would build against another numpy).
+  if ! (cd / && "$PY" -c 'import xtcocotools._mask' 2>/dev/null); then
+    say "building xtcocotools against numpy $("$PY" -c 'import numpy; print(numpy.__version__)')"
+    "${PIP[@]}" install cython >/dev/null || die "could not install cython (xtcocotools' build needs it)"
+    "${PIP[@]}" install --no-deps --no-build-isolation --no-binary xtcocotools --no-cache-dir \
+      --force-reinstall "xtcocotools>=1.14.3" || die "building xtcocotools from source failed"
+  fi
+  "${PIP[@]}" install --no-deps --no-build-isolation -r "$ROOT/requirements/pose.txt" \
+    || die "installing mmpose (requirements/pose.txt) failed"
+fi
+if has_extra action; then
+  "${PIP[@]}" install --no-deps -r "$ROOT/requirements/action.txt" \
+    || die "installing mmaction2 (requirements/action.txt) failed"
+  ACTION_IMPORT="$(cd / && "$PY" -c 'import mmaction.models' 2>&1 || true)"
+  if [[ "$ACTION_IMPORT" == *"mmaction.models.localizers.drn"* ]]; then
+    MMACTION_VERSION="$("$PY" -c 'import importlib.metadata as m; print(m.version("mmaction2").split("+")[0])')"
+    MMACTION_DIR="$CACHE_DIR/wheels/mmaction2-$MMACTION_VERSION+nodrn"
+    MMACTION_WHEEL="$(ls "$MMACTION_DIR"/mmaction2-*.whl 2>/dev/null | head -n 1 || true)"
+    if [ -z "$MMACTION_WHEEL" ]; then
+      say "building mmaction2 $MMACTION_VERSION without the DRN localizer its release lacks"
+      ABUILD="$(mktemp -d)"
+      "${PIP[@]}" download --no-deps --no-binary :all: "mmaction2==$MMACTION_VERSION" -d "$ABUILD" \
+        || die "could not download the mmaction2 $MMACTION_VERSION sdist"
+      tar -xzf "$ABUILD/mmaction2-$MMACTION_VERSION.tar.gz" -C "$ABUILD"
+      ASRC="$ABUILD/mmaction2-$MMACTION_VERSION"
+      sed -i -e '/^from \.drn\.drn import DRN$/d' -e "s/, 'DRN'\]/]/" "$ASRC/mmaction/models/localizers/__init__.py"
+      sed -i "s/version=get_version(),/version=get_version() + '+nodrn',/" "$ASRC/setup.py"
+      { ! grep -q DRN "$ASRC/mmaction/models/localizers/__init__.py" && grep -q "+nodrn" "$ASRC/setup.py"; } \
+        || die "could not patch the mmaction2 sdist (layout changed?)"
+      ( cd "$ASRC" && "$PY" -m pip --disable-pip-version-check -q wheel --no-deps --no-build-isolation \
+          -w "$ABUILD/dist" . ) || die "building the mmaction2 wheel failed"
+      mkdir -p "$MMACTION_DIR" && cp "$ABUILD"/dist/mmaction2-*.whl "$MMACTION_DIR"/
+      rm -rf "$ABUILD"
+      MMACTION_WHEEL="$(ls "$MMACTION_DIR"/mmaction2-*.whl | head -n 1)"
+    fi
+    "${PIP[@]}" install --no-deps --force-reinstall "$MMACTION_WHEEL" || die "could not install $MMACTION_WHEEL"
+  fi
+fi
+
+# ---------------------------------------------------------------- 5. self-check
+(cd / && "$PY" - "$ROOT" $EXTRA_MODULES) <<'EOF' || die "self-check failed: see the message above"
 import importlib, os.path as osp, sys
 failed = []
-for name in ('torch', 'torchvision', 'mmengine', 'mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'mmconv2former'):
+names = ['torch', 'torchvision', 'mmengine', 'mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'mmconv2former']
+for name in names + sys.argv[2:]:  # then the extras' modules
     try:
-        mod = importlib.import_module(name)
-        print(f'  {name:14s} {getattr(mod, "__version__", "?")}')
+        importlib.import_module(name)
+        version = getattr(importlib.import_module(name.split('.')[0]), '__version__', '?')
+        print(f'  {name:18s} {version}')
     except Exception as exc:  # report every failure, not only the first
         failed.append(f'import {name}: {type(exc).__name__}: {exc}')
 try:
@@ -159,10 +231,6 @@ try:
     where = osp.dirname(osp.dirname(osp.abspath(mmconv2former.__file__)))
     if where != sys.argv[1]:
         failed.append(f'mmconv2former imports from {where}, not this checkout {sys.argv[1]}')
-    # Build the CPU training kernel now rather than at the first training step;
-    # without a compiler training still works, with PyTorch's slower kernel.
-    from mmconv2former.models.native import native_library
-    print('  native kernels', 'ok' if native_library() else 'unavailable (see the note above)')
 except Exception as exc:
     failed.append(f'mmconv2former: {type(exc).__name__}: {exc}')
 if failed:

@@ -16,11 +16,13 @@ from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 
 # default_scope -> the package that must be importable to run the config.
-LIBRARIES = {'mmdet': 'mmdet', 'mmseg': 'mmseg', 'mmpretrain': 'mmpretrain'}
+LIBRARIES = {'mmdet': 'mmdet', 'mmseg': 'mmseg', 'mmpretrain': 'mmpretrain', 'mmpose': 'mmpose',
+             'mmaction': 'mmaction'}
 
 
 def detect_library(cfg: Config) -> str:
-    """Return ``'mmdet'``, ``'mmseg'`` or ``'mmpretrain'`` for a config.
+    """Return ``'mmdet'``, ``'mmseg'``, ``'mmpretrain'``, ``'mmpose'`` or
+    ``'mmaction'`` for a config.
 
     The config's ``default_scope`` decides; every config in ``configs/``
     inherits one from its library's ``default_runtime``.
@@ -302,3 +304,105 @@ def build_runner(cfg: Config):
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+def config_argument(cfg: dict, name: str, registry) -> Any:
+    """``cfg[name]``, or the default of that argument of the class that
+    ``registry`` builds from ``cfg`` (None when it has no such argument)."""
+    import inspect
+    if name in cfg:
+        return cfg[name]
+    cls = registry.get(cfg['type']) if isinstance(cfg.get('type'), str) else cfg.get('type')
+    parameter = inspect.signature(cls).parameters.get(name) if cls is not None else None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def synthetic_batch(model_cfg: dict, library: str, size: int, batch: int = 2) -> dict:
+    """A deterministic batch of ``batch`` random ``size`` x ``size`` uint8
+    images with ground truth that ``model_cfg`` can train on, in the form
+    ``model.train_step``/``test_step`` of ``library`` take (``inputs`` and
+    ``data_samples``).
+
+    mmdet: two boxes per image (masks and a semantic map only when the model
+    learns them); mmseg: a random map of the decode head's classes;
+    mmpretrain: label 0; mmpose: one person crop at the codec's
+    ``input_size`` (which the heads are tied to, so ``size`` is not used)
+    with random keypoints, encoded by mmpose's own ``GenerateTarget`` and
+    ``PackPoseInputs``; mmaction: clips of ``T`` frames (the head's or
+    backbone's ``num_segments``, set or by default, else 2), label 0.
+    """
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g) for _ in range(batch)]
+    meta = dict(ori_shape=(size, size), img_shape=(size, size), pad_shape=(size, size), scale_factor=(1.0, 1.0))
+    if library == 'mmdet':
+        from mmdet.testing import demo_mm_inputs
+        panoptic = (model_cfg.get('panoptic_fusion_head') or {}).get('num_stuff_classes', 0) > 0 \
+            or 'semantic_head' in model_cfg
+        # masks only for models that learn them (RTMDet's assigner reads any it is given)
+        masks = any(word in repr(model_cfg) for word in ('loss_mask', 'mask_head'))
+        # num_classes=2: mmdet draws labels from [1, num_classes)
+        return demo_mm_inputs(batch, [(3, size, size)] * batch, num_items=[2] * batch, num_classes=2,
+                              with_mask=masks, with_semantic=panoptic)
+    if library == 'mmseg':
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+        head = model_cfg.get('decode_head')
+        head = head[0] if isinstance(head, (list, tuple)) else head
+        classes = int(head.get('num_classes', 2))
+        samples = []
+        for _ in range(batch):
+            sample = SegDataSample(metainfo=meta)
+            labels = torch.randint(0, classes, (1, size, size), generator=g)
+            sample.gt_sem_seg = PixelData(data=labels)
+            samples.append(sample)
+        return dict(inputs=images, data_samples=samples)
+    if library == 'mmpose':
+        return _pose_batch(model_cfg, batch)
+    if library == 'mmaction':
+        from mmaction.structures import ActionDataSample
+        models = library_models(library)
+        segments = config_argument(model_cfg.get('cls_head') or {}, 'num_segments', models) \
+            or config_argument(model_cfg['backbone'], 'num_segments', models) or 2
+        clips = [torch.randint(0, 256, (segments, 3, size, size), dtype=torch.uint8, generator=g)
+                 for _ in range(batch)]
+        return dict(inputs=clips, data_samples=[ActionDataSample(metainfo=meta).set_gt_label(0)
+                                                for _ in range(batch)])
+    from mmpretrain.structures import DataSample
+    return dict(inputs=images, data_samples=[DataSample(metainfo=meta).set_gt_label(0) for _ in range(batch)])
+
+
+def _pose_batch(model_cfg: dict, batch: int) -> dict:
+    """Top-down samples as mmpose's training pipeline leaves them after
+    ``TopdownAffine``, then its own target generation and packing, so every
+    codec (heatmaps, SimCC, regression) gets the targets its head expects."""
+    import numpy as np
+    from mmpose.datasets.transforms import GenerateTarget, PackPoseInputs
+    head = model_cfg['head']
+    codec = head.get('decoder')
+    if codec is None:
+        raise ValueError(f'{head.get("type")} has no decoder (codec): cannot make its training targets')
+    keypoints = next((head[k] for k in ('out_channels', 'num_joints', 'num_keypoints') if head.get(k)), None)
+    if keypoints is None:
+        raise ValueError(f'{head.get("type")} names no number of keypoints (out_channels / num_joints / '
+                         'num_keypoints)')
+    w, h = codec['input_size']
+    rng = np.random.default_rng(0)
+    encode, pack = GenerateTarget(encoder=codec), PackPoseInputs()
+    inputs, samples = [], []
+    for i in range(batch):
+        results = dict(
+            id=i, img_id=i, category_id=1, img=rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+            img_shape=(h, w), ori_shape=(h, w), input_size=(w, h),
+            input_center=np.array([w / 2, h / 2], dtype=np.float32),
+            input_scale=np.array([w, h], dtype=np.float32),
+            bbox=np.array([[0, 0, w, h]], dtype=np.float32), bbox_score=np.ones(1, dtype=np.float32),
+            bbox_center=np.array([[w / 2, h / 2]], dtype=np.float32),
+            bbox_scale=np.array([[w, h]], dtype=np.float32),
+            keypoints=(rng.uniform(0.2, 0.8, (1, keypoints, 2)) * [w, h]).astype(np.float32),
+            keypoints_visible=np.ones((1, keypoints), dtype=np.float32),
+            flip_indices=list(range(keypoints)))  # any permutation serves a smoke test
+        packed = pack(encode(results))
+        inputs.append(packed['inputs'])
+        samples.append(packed['data_samples'])
+    return dict(inputs=inputs, data_samples=samples)
