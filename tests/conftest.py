@@ -70,6 +70,16 @@ def assert_matches(outs, ref_outs, atol: float = 1e-4) -> None:
         assert (ours - theirs).abs().max() <= atol
 
 
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass of ``model`` in its current mode, counted by
+    PyTorch's dispatch-level counter (what FLOP tools see)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.set_grad_enabled(model.training):
+        model(x)
+    return counter.get_total_flops()
+
+
 @pytest.fixture(autouse=True)
 def _restore_default_scope():
     """mmengine's default scope is process-global: a test (or the library

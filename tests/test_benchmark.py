@@ -128,7 +128,7 @@ def test_backbone_run_prints_ratios_and_memory(mode, capsys, tmp_path):
         pytest.skip('the ConvNeXt peer needs mmpretrain or timm')
     extra = ['--peers', 'convnext,recompute-off,with-cp'] if mode == 'train' else ['--switch-to-deploy']
     path = str(tmp_path / 'result.json')
-    result = benchmark_main(['--arch', ARCH, '--mode', mode, '--batch', '1', '--input-size', '64',
+    result = benchmark_main(['--device', 'cpu', '--arch', ARCH, '--mode', mode, '--batch', '1', '--input-size', '64',
                              '--memory', '--repeats', '2', '--warmup', '1', '--json', path, *extra])
     out = capsys.readouterr().out
     names = [r['name'] for r in result['rows']]
@@ -147,7 +147,7 @@ def test_backbone_run_prints_ratios_and_memory(mode, capsys, tmp_path):
 
 
 def test_sweep_reports_cost_per_pixel(capsys):
-    result = benchmark_main(['--arch', ARCH, '--batch', '1', '--sweep', '64', '96', '--peers', 'none',
+    result = benchmark_main(['--device', 'cpu', '--arch', ARCH, '--batch', '1', '--sweep', '64', '96', '--peers', 'none',
                              '--repeats', '1', '--warmup', '0'])
     assert [(r['name'], r['size']) for r in result['sweep']] == [('Conv2Former-custom', 64),
                                                                  ('Conv2Former-custom', 96)]
@@ -179,7 +179,7 @@ def test_config_run_against_a_peer_config(tmp_path, capsys):
     peer.write_text(MODEL.format(backbone="dict(type='ConvNeXt', arch=dict(channels=[16, 32, 48, 64], "
                                           "depths=[1, 1, 1, 1]), out_indices=(3, ), "
                                           "gap_before_final_norm=False)"))
-    result = benchmark_main([str(ours), '--peer-config', str(peer), '--peers', 'recompute-off',
+    result = benchmark_main(['--device', 'cpu', str(ours), '--peer-config', str(peer), '--peers', 'recompute-off',
                              '--mode', 'train', '--batch', '2', '--input-size', '64', '--memory',
                              '--repeats', '2', '--warmup', '1'])
     assert [r['name'] for r in result['rows']] == ['ours.py', 'ours.py recompute-off', 'peer.py']

@@ -11,9 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import TINY, assert_matches, release_pair
+from conftest import TINY, assert_matches, count_flops, release_pair
 from mmconv2former import Conv2Former
 from mmconv2former.engine import SwitchToDeployHook
 from mmconv2former.models.reparam import fold_bn_into_next_conv
@@ -23,13 +22,6 @@ def deployed(**kwargs):
     ours, ref = release_pair(**kwargs)
     assert ours.switch_to_deploy() is ours
     return ours, ref
-
-
-def count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops()
 
 
 def test_folded_model_matches_the_reference_and_leaves_the_input_alone():
@@ -75,6 +67,20 @@ def test_folded_model_under_autograd_and_autocast():
             assert (out.float() - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
+def test_folding_keeps_the_fp32_residual_under_autocast():
+    """Without layer scales nothing promotes the residual stream to fp32 any
+    more; the backbone keeps it in the weights' dtype itself, so that under
+    autocast the folded model computes what the trained one does."""
+    trained, _ = release_pair()
+    folded, _ = deployed()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        expected, outs = trained(x), folded(x)
+    for out, ref in zip(outs, expected):
+        assert out.dtype == ref.dtype == torch.float32
+        assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
 def test_folded_model_traces_and_counts_the_same_flops():
     ours, ref = deployed()
     plain, _ = release_pair()
@@ -117,10 +123,24 @@ def test_folding_with_a_trained_batchnorm_and_out_norms():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_batchnorm_folds_only_into_an_unpadded_convolution():
-    bn = nn.BatchNorm2d(4).eval()
-    with pytest.raises(ValueError, match='unpadded'):
-        fold_bn_into_next_conv(bn, nn.Conv2d(4, 4, 3, padding=1))
+def test_batchnorm_folds_in_place_and_only_into_an_unpadded_convolution():
+    torch.manual_seed(0)
+    bn, conv = nn.BatchNorm2d(4), nn.Conv2d(4, 6, 2, stride=2, bias=False)
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
+    bn.eval()
+    seen = []
+    conv.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    x = torch.randn(2, 4, 7, 9)  # odd sides: the last row and column are dropped either way
+    with torch.no_grad():
+        expected = conv(bn(x))
+    fold_bn_into_next_conv(bn, conv)  # outside no_grad: the helper takes care of it
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(seen) == 2  # the same module, its hook kept
+    for bad in (nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 2, dilation=2), nn.Conv2d(4, 4, 1, groups=2)):
+        with pytest.raises(ValueError, match='unpadded, ungrouped, undilated'):
+            fold_bn_into_next_conv(bn, bad)
 
 
 def test_deploy_hook_switches_after_loading_and_names_a_missing_backbone():

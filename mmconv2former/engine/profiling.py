@@ -63,7 +63,7 @@ def describe(info: Dict[str, Any]) -> str:
 
 def synchronize(device: Union[str, torch.device]) -> None:
     if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- models
@@ -206,12 +206,14 @@ def peak_memory(step: Callable[[], Any], device: Union[str, torch.device]) -> fl
     which oneDNN does not do for these models.
     """
     if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        # The device given, not the current one: ``cuda:1`` would otherwise
+        # time kernel launches and read another GPU's counters.
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         step()
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - before)
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()

@@ -247,7 +247,7 @@ class Conv2Former(BaseModule):
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  out_norm: bool = True,
                  drop_path_rate: float = 0.0,
-                 layer_scale_init_value: float = 1e-6,
+                 layer_scale_init_value: Optional[float] = 1e-6,
                  frozen_stages: int = 0,
                  norm_eval: bool = False,
                  with_cp: bool = False,
@@ -386,11 +386,18 @@ class Conv2Former(BaseModule):
         # A channels-last input lets oneDNN/cuDNN run the stem without layout
         # reorders, and its output then permutes to a contiguous NHWC tensor.
         x = self.downsample_layers[0](x.contiguous(memory_format=torch.channels_last))
+        # Under autocast the convolutions return bf16/fp16. The residual stream
+        # stays in the weights' dtype (fp32): in the trained form the layer
+        # scales' promotion does that from each stage's first block; casting
+        # here keeps the numbers the same, and keeps the folded model (no
+        # layer scales, models/reparam.py) as precise as the trained one.
+        residual_dtype = self.downsample_layers[0][0].weight.dtype
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         outs = []
         for i in range(self.num_stages):
             if i > 0:
                 x = self.downsample_layers[i](x)
+            x = x.to(residual_dtype)
             x = self._run_stage(self.stages[i], x)
             if i in self.out_indices:
                 outs.append(self.out_norms[i](x).permute(0, 3, 1, 2).contiguous())

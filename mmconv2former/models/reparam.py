@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 
 
-
 def _scale_rows(conv: nn.Conv2d, scale: torch.Tensor) -> None:
     """``conv`` then a per-output-channel ``scale``, as one convolution."""
     conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))))
@@ -29,6 +28,7 @@ def _scale_rows(conv: nn.Conv2d, scale: torch.Tensor) -> None:
         conv.bias.mul_(scale)
 
 
+@torch.no_grad()
 def fold_layer_scales(block: nn.Module) -> None:
     """Fold a :class:`Conv2FormerBlock`'s layer scales into ``proj``/``fc2``."""
     for scale_name, conv in (('layer_scale_1', block.attn.proj), ('layer_scale_2', block.mlp.fc2)):
@@ -38,23 +38,26 @@ def fold_layer_scales(block: nn.Module) -> None:
             block.register_parameter(scale_name, None)
 
 
-def fold_bn_into_next_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
-    """A convolution equal to ``conv(bn(x))`` for an unpadded ``conv``.
+@torch.no_grad()
+def fold_bn_into_next_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
+    """Make ``conv`` compute ``conv(bn(x))``, in place (the module, its hooks
+    and its weight's memory layout stay); ``bn`` is then to be dropped.
 
     ``conv(s * y + t) = conv_{W * s}(y) + sum(W * t)`` holds only where no
     zero padding enters the sum, which is why the stem's *first* BatchNorm,
     feeding a padded 3x3 convolution, stays as it is."""
-    if any(p != 0 for p in conv.padding) or conv.groups != 1:
-        raise ValueError('only an unpadded, ungrouped convolution can absorb the BatchNorm before it')
+    unpadded = conv.padding == 'valid' or all(p == 0 for p in conv.padding)
+    if not unpadded or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != 'zeros':
+        raise ValueError('only an unpadded, ungrouped, undilated convolution can absorb the '
+                         'BatchNorm before it')
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
-    fused = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                       bias=True).to(conv.weight)
-    fused.weight.copy_(conv.weight * scale.view(1, -1, 1, 1))
-    fused.bias.copy_((conv.weight * shift.view(1, -1, 1, 1)).sum((1, 2, 3)))
+    bias = (conv.weight * shift.view(1, -1, 1, 1)).sum((1, 2, 3))
     if conv.bias is not None:
-        fused.bias.add_(conv.bias)
-    return fused
+        conv.bias.add_(bias)
+    else:
+        conv.bias = nn.Parameter(bias)
+    conv.weight.mul_(scale.view(1, -1, 1, 1))
 
 
 @torch.no_grad()
@@ -65,7 +68,7 @@ def switch_to_deploy(model: nn.Module) -> nn.Module:
         return model
     model.eval()
     stem = model.downsample_layers[0]
-    stem[6] = fold_bn_into_next_conv(stem[5], stem[6])
+    fold_bn_into_next_conv(stem[5], stem[6])
     stem[5] = nn.Identity()
     for stage in model.stages:
         for block in stage:

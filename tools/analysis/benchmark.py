@@ -18,8 +18,9 @@
 How it measures: every case runs in the same process; each repeat times every
 case once, in an order rotated from repeat to repeat, so that a noisy neighbour
 or a clock change hits all cases alike. Speed is images per second (median,
-min-max over the repeats); the speed ratio to the first peer (the ConvNeXt
-when there is one) is the median of the per-repeat ratios. ``--memory`` adds the
+min-max over the repeats); each row's speed ratio to the base case (the
+ConvNeXt, or ``--peer-config``'s model, else Conv2Former itself) is the median
+of the per-repeat ratios. ``--memory`` adds the
 peak of tensor memory allocated during one step above what was live before it
 (weights, optimiser state, inputs): ``torch.cuda.max_memory_allocated`` on a
 GPU, every allocation that ``torch.profiler`` records on a CPU. The ConvNeXt is
@@ -156,7 +157,7 @@ def config_cases(args: argparse.Namespace, size: Tuple[int, int]) -> List[Case]:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         net = prepare(model, args)
         if training:
-            step = make_step(net, inputs, True, args.dtype, lambda losses: model.parse_losses(losses)[0],
+            step = make_step(net, inputs, True, args.dtype, lambda losses, model=model: model.parse_losses(losses)[0],
                              data_samples=samples, mode='loss')
         else:
             step = make_step(net, inputs, False, args.dtype, data_samples=samples, mode='tensor')

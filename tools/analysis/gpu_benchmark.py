@@ -360,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             result['skipped'].append(dict(setting=str(setting), note=note))
             print(f'{str(setting):<44} {note}', flush=True)
         if setting.compiled:
-            torch._dynamo.reset()  # a fresh cache per setting: no recompilation limit is reached
+            torch.compiler.reset()  # a fresh cache per setting: no recompilation limit is reached
         if torch.device(args.device).type == 'cuda':
             torch.cuda.empty_cache()
     result['seconds'] = time.perf_counter() - start
