@@ -146,3 +146,13 @@ def coco_demo(tmp_path_factory) -> str:
     once per run; tests that damage files work on a copy."""
     from mmconv2former.demo.coco import generate_coco_demo
     return generate_coco_demo(str(tmp_path_factory.mktemp('coco_demo')), num_train=8, num_val=4, seed=3)
+
+
+def needs_convnext() -> None:
+    """Skip the calling test where the ConvNeXt peer cannot be built (neither
+    mmpretrain's nor timm's imports), as the benchmark tools would find."""
+    from mmconv2former.engine.profiling import convnext_label
+    try:
+        convnext_label('t')
+    except ImportError:
+        pytest.skip('the ConvNeXt peer needs mmpretrain or timm')

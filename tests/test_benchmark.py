@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, needs_convnext
 
 from mmconv2former.engine import profiling
 from mmconv2former.engine.profiling import (Case, TrainStep, build_convnext, describe, machine,
@@ -124,8 +124,7 @@ def test_inference_step_keeps_no_graph_and_training_step_updates():
 # ---------------------------------------------------------------------------- the tool
 @pytest.mark.parametrize('mode', ['train', 'inference'])
 def test_backbone_run_prints_ratios_and_memory(mode, capsys, tmp_path):
-    if not (_has('mmpretrain') or _has('timm')):
-        pytest.skip('the ConvNeXt peer needs mmpretrain or timm')
+    needs_convnext()
     extra = ['--peers', 'convnext,recompute-off,with-cp'] if mode == 'train' else ['--switch-to-deploy']
     path = str(tmp_path / 'result.json')
     result = benchmark_main(['--device', 'cpu', '--arch', ARCH, '--mode', mode, '--batch', '1', '--input-size', '64',
@@ -184,7 +183,8 @@ def test_config_run_against_a_peer_config(tmp_path, capsys):
                              '--repeats', '2', '--warmup', '1'])
     assert [r['name'] for r in result['rows']] == ['ours.py', 'ours.py recompute-off', 'peer.py']
     assert all(r['base'] == 'peer.py' and r['peak_mb'] > 0 for r in result['rows'])
-    assert result['rows'][-1]['memory_vs_base'] == 1.0
+    default, store_all = (r['peak_mb'] for r in result['rows'][:2])
+    assert store_all > 1.2 * default  # recompute=False keeps the activations that recompute=True frees
     assert 'speed vs peer.py' in capsys.readouterr().out
 
 
@@ -200,10 +200,3 @@ def test_bad_arguments_are_refused(argv, message, capsys):
         benchmark_main(argv)
     assert message in capsys.readouterr().err
 
-
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True

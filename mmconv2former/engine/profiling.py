@@ -1,8 +1,9 @@
 """Speed and memory measured one way in every tool (``tools/analysis/benchmark.py``,
 ``tools/analysis/gpu_benchmark.py``): the training and inference steps that
 are timed, paired interleaved timing, peak memory of one step, the machine's
-description and the ConvNeXt peer. Needs only torch (and, for the ConvNeXt
-peer, mmpretrain or timm).
+description, and the models compared: Conv2Former, its memory policies and
+``switch_to_deploy()`` form, and the ConvNeXt peer (which needs mmpretrain or
+timm).
 
 How the timing works: every case runs in the same process and each repeat
 times every case once, in an order rotated from repeat to repeat, so that a
@@ -19,10 +20,12 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from ..models import Conv2Former
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -79,6 +82,39 @@ class FeatureMaps(nn.Module):
         return tuple(self.model(x))
 
 
+def _convnext_plan(arch: Union[str, dict], library: str) -> Tuple[Optional[str], str, str]:
+    """The ConvNeXt size (None for a dict ``arch``), the label and the library
+    (``'auto'`` resolved) of :func:`build_convnext`; raises as it does."""
+    if library not in ('auto', 'mmpretrain', 'timm'):
+        raise ValueError(f"library must be 'auto', 'mmpretrain' or 'timm', got {library!r}")
+    if isinstance(arch, str):
+        if arch not in CONVNEXT_SIZES:
+            raise ValueError(f'no ConvNeXt of matching size for arch {arch!r}; '
+                             f'choose one of {sorted(CONVNEXT_SIZES)}')
+        size, name = CONVNEXT_SIZES[arch], f'ConvNeXt-{arch.split("_")[0].upper()}'
+    else:
+        size, name = None, 'ConvNeXt-custom'
+    if library in ('auto', 'mmpretrain'):
+        try:
+            from mmpretrain.models.backbones import ConvNeXt  # noqa: F401
+        except ImportError:
+            if library == 'mmpretrain':
+                raise
+        else:
+            return size, f'{name} (mmpretrain)', 'mmpretrain'
+    try:
+        import timm  # noqa: F401
+    except ImportError as exc:
+        raise ImportError('the ConvNeXt peer needs mmpretrain or timm: pip install timm') from exc
+    return size, f'{name} (timm)', 'timm'
+
+
+def convnext_label(arch: Union[str, dict], library: str = 'auto') -> str:
+    """The label that :func:`build_convnext` gives its model, without building
+    it (raising as it would where no library has a ConvNeXt)."""
+    return _convnext_plan(arch, library)[1]
+
+
 def build_convnext(arch: Union[str, dict], library: str = 'auto') -> Tuple[nn.Module, str]:
     """The ConvNeXt peer of a Conv2Former ``arch``, and a label naming it.
 
@@ -93,32 +129,74 @@ def build_convnext(arch: Union[str, dict], library: str = 'auto') -> Tuple[nn.Mo
         The model, returning the four stages' feature maps as a tuple (no
         pooling, no classifier), and e.g. ``'ConvNeXt-T (timm)'``.
     """
-    if library not in ('auto', 'mmpretrain', 'timm'):
-        raise ValueError(f"library must be 'auto', 'mmpretrain' or 'timm', got {library!r}")
-    if isinstance(arch, str):
-        if arch not in CONVNEXT_SIZES:
-            raise ValueError(f'no ConvNeXt of matching size for arch {arch!r}; '
-                             f'choose one of {sorted(CONVNEXT_SIZES)}')
-        size, name = CONVNEXT_SIZES[arch], f'ConvNeXt-{arch.split("_")[0].upper()}'
-    else:
-        size, name = None, 'ConvNeXt-custom'
-    if library in ('auto', 'mmpretrain'):
-        try:
-            from mmpretrain.models.backbones import ConvNeXt
-        except ImportError:
-            if library == 'mmpretrain':
-                raise
-        else:
-            spec = size or dict(channels=list(arch['channels']), depths=list(arch['depths']))
-            model = ConvNeXt(spec, out_indices=(0, 1, 2, 3), gap_before_final_norm=False)
-            return FeatureMaps(model), f'{name} (mmpretrain)'
-    try:
-        import timm
-    except ImportError as exc:
-        raise ImportError('the ConvNeXt peer needs mmpretrain or timm: pip install timm') from exc
+    size, label, library = _convnext_plan(arch, library)
+    if library == 'mmpretrain':
+        from mmpretrain.models.backbones import ConvNeXt
+        spec = size or dict(channels=list(arch['channels']), depths=list(arch['depths']))
+        return FeatureMaps(ConvNeXt(spec, out_indices=(0, 1, 2, 3), gap_before_final_norm=False)), label
+    import timm
     extra = {} if size else dict(depths=tuple(arch['depths']), dims=tuple(arch['channels']))
     model = timm.create_model(f'convnext_{size or "tiny"}', pretrained=False, features_only=True, **extra)
-    return FeatureMaps(model), f'{name} (timm)'
+    return FeatureMaps(model), label
+
+
+#: Conv2Former with another training-memory policy than its default
+#: (``recompute=True``), as constructor arguments: they differ in training only.
+MEMORY_PEERS = {'recompute-off': dict(recompute=False), 'with-cp': dict(with_cp=True)}
+
+#: The keys of :func:`build_models`.
+VARIANTS = ('conv2former', *MEMORY_PEERS, 'deploy', 'convnext')
+
+
+def conv2former_name(arch: Union[str, dict]) -> str:
+    """``'Conv2Former-T'`` for arch ``'t'``, ``'Conv2Former-custom'`` for a dict."""
+    return f'Conv2Former-{arch.upper()}' if isinstance(arch, str) else 'Conv2Former-custom'
+
+
+def build_conv2former(arch: Union[str, dict], **kwargs) -> nn.Module:
+    """``Conv2Former(arch, **kwargs)`` with the release's initialisation
+    (``init_weights()``), from seed 0: every call gives the same weights."""
+    torch.manual_seed(0)
+    model = Conv2Former(arch, **kwargs)
+    model.init_weights()
+    return model
+
+
+def build_models(keys: Sequence[str], arch: Union[str, dict], convnext_arch: Union[str, dict, None] = None,
+                 convnext: str = 'auto') -> List[Tuple[str, str, nn.Module]]:
+    """``(key, label, model)`` for each of ``keys`` (:data:`VARIANTS`), in
+    the order given.
+
+    Args:
+        keys: ``'conv2former'`` (Conv2Former-``arch``, labelled by
+            :func:`conv2former_name`), a key of :data:`MEMORY_PEERS` (it with
+            that memory policy, ``'<name> <key>'``), ``'deploy'`` (its
+            ``switch_to_deploy()`` form, in eval mode) or ``'convnext'``
+            (:func:`build_convnext`).
+        arch: the Conv2Former arch.
+        convnext_arch: the ConvNeXt's ``arch`` argument. Defaults to ``arch``.
+        convnext: whose ConvNeXt (``library`` of :func:`build_convnext`).
+            Defaults to ``'auto'``.
+
+    Every Conv2Former comes from :func:`build_conv2former`, so all hold the
+    same weights; the ConvNeXt is built from seed 0 with its own init.
+    """
+    unknown = sorted(set(keys) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f'unknown models {unknown}; choose from {", ".join(VARIANTS)}')
+    name, models = conv2former_name(arch), []
+    for key in keys:
+        if key == 'convnext':
+            torch.manual_seed(0)
+            model, label = build_convnext(arch if convnext_arch is None else convnext_arch, library=convnext)
+        elif key == 'deploy':
+            model, label = build_conv2former(arch).eval().switch_to_deploy(), f'{name} switch_to_deploy()'
+        elif key in MEMORY_PEERS:
+            model, label = build_conv2former(arch, **MEMORY_PEERS[key]), f'{name} {key}'
+        else:
+            model, label = build_conv2former(arch), name
+        models.append((key, label, model))
+    return models
 
 
 # ----------------------------------------------------------------------------- steps
@@ -191,6 +269,20 @@ def make_step(model: nn.Module, inputs: Any, training: bool, dtype: str = 'fp32'
         with torch.inference_mode(), autocast(device, dtype):
             model(inputs, **call_kwargs)
     return infer
+
+
+def gradients(model: nn.Module, x: torch.Tensor, dtype: str,
+              call: Optional[Callable[[torch.Tensor], Any]] = None) -> Dict[str, torch.Tensor]:
+    """fp32 copies of the gradients of ``model``'s parameters (those that get
+    one) from :func:`mean_of_outputs` of ``call(x)`` (default ``model``; e.g.
+    its ``torch.compile``-d wrapper) in training mode under autocast to
+    ``dtype``."""
+    model.train().zero_grad(set_to_none=True)
+    with autocast(x.device, dtype):
+        loss = mean_of_outputs((model if call is None else call)(x))
+    # Scaled as a GradScaler would, so that fp16 gradients stay normal numbers.
+    (loss * 1024).backward()
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 # ----------------------------------------------------------------------------- memory

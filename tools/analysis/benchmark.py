@@ -40,14 +40,11 @@ import torch.nn as nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
 
-from mmconv2former.engine.profiling import (DTYPES, Case, build_convnext, describe, machine,  # noqa: E402
-                                            make_step, paired_ratio, peak_memory, summarise,
-                                            time_interleaved)
+from mmconv2former.engine.profiling import (DTYPES, MEMORY_PEERS, Case, build_models,  # noqa: E402
+                                            conv2former_name, describe, machine, make_step, paired_ratio,
+                                            peak_memory, summarise, time_interleaved)
 from mmconv2former.models import Conv2Former  # noqa: E402
 
-#: Peers that are Conv2Former itself with another training-memory policy (as
-#: the backbone's constructor arguments); they differ in training only.
-MEMORY_PEERS = {'recompute-off': dict(recompute=False), 'with-cp': dict(with_cp=True)}
 PEERS = ('convnext', *MEMORY_PEERS)
 
 
@@ -60,36 +57,15 @@ def prepare(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     return torch.compile(model, dynamic=False) if args.compile else model
 
 
-def model_name(arch) -> str:
-    return f'Conv2Former-{arch.upper()}' if isinstance(arch, str) else 'Conv2Former-custom'
-
-
-def backbone_models(args: argparse.Namespace) -> List[Tuple[str, str, nn.Module]]:
-    """``(key, label, model)`` for Conv2Former-``arch`` and each peer, the ConvNeXt last."""
-    name = model_name(args.arch)
-    models = []
-    keys = (['conv2former'] + [p for p in args.peers if p != 'convnext']
-            + (['deploy'] if args.switch_to_deploy else []) + [p for p in args.peers if p == 'convnext'])
-    for key in keys:
-        torch.manual_seed(0)  # every Conv2Former starts from the same weights
-        if key == 'convnext':
-            model, label = build_convnext(args.arch, library=args.convnext)
-        elif key in MEMORY_PEERS:
-            model, label = Conv2Former(args.arch, **MEMORY_PEERS[key]), f'{name} {key}'
-        elif key == 'deploy':
-            model, label = Conv2Former(args.arch).eval().switch_to_deploy(), f'{name} switch_to_deploy()'
-        else:
-            model, label = Conv2Former(args.arch), name
-        models.append((key, label, model))
-    return models
-
-
 def backbone_cases(args: argparse.Namespace, size: Tuple[int, int]) -> List[Case]:
     x = torch.randn(args.batch, 3, *size, device=args.device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    # Conv2Former and its variants first, the ConvNeXt last.
+    keys = (['conv2former'] + [p for p in args.peers if p != 'convnext']
+            + (['deploy'] if args.switch_to_deploy else []) + [p for p in args.peers if p == 'convnext'])
     return [Case(label, make_step(prepare(model, args), x, args.mode == 'train', args.dtype), args.batch, key)
-            for key, label, model in backbone_models(args)]
+            for key, label, model in build_models(keys, args.arch, convnext=args.convnext)]
 
 
 def load_model_config(path: str, size: int):
@@ -301,13 +277,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    saved_cudnn_benchmark = torch.backends.cudnn.benchmark
     if torch.device(args.device).type == 'cuda':
         torch.backends.cudnn.benchmark = True
+    try:
+        return run(args)
+    finally:
+        torch.backends.cudnn.benchmark = saved_cudnn_benchmark
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
     size = tuple(args.input_size * 2 if len(args.input_size) == 1 else args.input_size)
     result: Dict[str, Any] = dict(machine=machine(),
                                   settings={k: v for k, v in vars(args).items() if k != 'json'})
     print(f'# {describe(result["machine"])}')
-    what = args.config or f'backbone {model_name(args.arch)}'
+    what = args.config or f'backbone {conv2former_name(args.arch)}'
     shape = 'sides ' + ' '.join(map(str, args.sweep)) if args.sweep else f'{size[0]}x{size[1]}'
     print(f'# {what}, {args.mode}, batch {args.batch}, {shape}, {args.dtype}'
           f'{", channels-last" if args.channels_last else ""}{", torch.compile" if args.compile else ""}; '

@@ -43,10 +43,11 @@ import torch.nn as nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
 
-from mmconv2former.engine.profiling import (Case, TrainStep, autocast, build_convnext, describe,  # noqa: E402
-                                            machine, make_step, mean_of_outputs, paired_ratio,
-                                            peak_memory, summarise, synchronize, time_interleaved)
-from mmconv2former.models import Conv2Former, Conv2FormerBlock  # noqa: E402
+from mmconv2former.engine.profiling import (Case, TrainStep, autocast, build_conv2former,  # noqa: E402
+                                            build_models, convnext_label, describe, gradients, machine,
+                                            make_step, paired_ratio, peak_memory, summarise, synchronize,
+                                            time_interleaved)
+from mmconv2former.models import Conv2FormerBlock  # noqa: E402
 
 #: ``--tiny``: one block per stage, a kernel above 3x3 (and a ConvNeXt of the
 #: same widths and depths); small enough to compile in seconds.
@@ -91,26 +92,11 @@ def settings(tiny: bool, quick: bool, with_compile: bool) -> List[Setting]:
 
 
 # ---------------------------------------------------------------------------- models
-def conv2former(arch: Union[str, dict], **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    model = Conv2Former(arch, **kwargs)
-    model.init_weights()
-    return model
-
-
 def models_for(setting: Setting, arch: Union[str, dict], convnext_arch: Union[str, dict],
                convnext: str) -> List[Tuple[str, str, nn.Module]]:
-    """``(key, label, model)`` of one setting; the ConvNeXt last."""
-    name = 'Conv2Former-T' if arch == 't' else 'Conv2Former'
-    if setting.mode == 'train':
-        models = [('recompute', f'{name} recompute=True', conv2former(arch)),
-                  ('store-all', f'{name} recompute=False', conv2former(arch, recompute=False))]
-    else:
-        models = [('conv2former', name, conv2former(arch)),
-                  ('deploy', f'{name} switch_to_deploy()', conv2former(arch).eval().switch_to_deploy())]
-    torch.manual_seed(0)
-    peer, label = build_convnext(convnext_arch, library=convnext)
-    return models + [('convnext', label, peer)]
+    """``(key, label, model)`` of one setting (:func:`build_models`); the ConvNeXt last."""
+    keys = ['conv2former', 'recompute-off' if setting.mode == 'train' else 'deploy', 'convnext']
+    return build_models(keys, arch, convnext_arch, convnext)
 
 
 def on_device(model: nn.Module, device: str, compiled: bool, backend: str) -> nn.Module:
@@ -119,29 +105,20 @@ def on_device(model: nn.Module, device: str, compiled: bool, backend: str) -> nn
 
 
 # ---------------------------------------------------------------------------- correctness
-def gradients(model: nn.Module, x: torch.Tensor, dtype: str) -> Dict[str, torch.Tensor]:
-    model.train().zero_grad(set_to_none=True)
-    with autocast(x.device, dtype):
-        loss = mean_of_outputs(model(x))
-    # Scaled as a GradScaler would, so that fp16 gradients stay normal numbers.
-    (loss * 1024).backward()
-    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def check_gradients(arch: Union[str, dict], x: torch.Tensor) -> List[Dict[str, Any]]:
     """Gradients of every memory policy against ``recompute=False``'s, under
     each autocast dtype. Layer scales are set to 1 so that every branch of
     every block counts in the gradient (at their 1e-6 init a wrong branch
     would hardly show)."""
     device = x.device
-    reference = conv2former(arch, recompute=False).to(device)
+    reference = build_conv2former(arch, recompute=False).to(device)
     with torch.no_grad():
         for name, p in reference.named_parameters():
             if 'layer_scale' in name:
                 p.fill_(1.0)
     models = {}
     for label, kwargs in (('recompute=True', dict(recompute=True)), ('with_cp=True', dict(with_cp=True))):
-        models[label] = conv2former(arch, **kwargs).to(device)
+        models[label] = build_conv2former(arch, **kwargs).to(device)
         models[label].load_state_dict(reference.state_dict())
     results = []
     for dtype in ('fp32', 'bf16', 'fp16'):
@@ -162,7 +139,7 @@ def check_layouts(arch: Union[str, dict], x: torch.Tensor) -> List[Dict[str, Any
     """Every block's output a contiguous (B, H, W, C) tensor and every feature
     map a contiguous (B, C, H, W) one, under bf16 autocast, in training (the
     blocks recomputed) and in eval mode."""
-    model = conv2former(arch).to(x.device)
+    model = build_conv2former(arch).to(x.device)
     blocks: List[bool] = []
     for module in model.modules():
         if isinstance(module, Conv2FormerBlock):
@@ -187,13 +164,13 @@ def check_fp16(arch: Union[str, dict], x: torch.Tensor, steps: int = 6) -> Dict[
     """A few fp16 training steps with a GradScaler: every loss and every
     weight finite, and most updates applied (the scaler skips an update
     whose gradients overflowed, halving its scale)."""
-    model = conv2former(arch).to(device=x.device, memory_format=torch.channels_last)
+    model = build_conv2former(arch).to(device=x.device, memory_format=torch.channels_last)
     step = TrainStep(model, x, 'fp16', lr=1e-3)
-    losses, scales = [], []
+    losses, scales = [], [step.scaler.get_scale()]
     for _ in range(steps):
         losses.append(step().item())
         scales.append(step.scaler.get_scale())
-    skipped = sum(b < a for a, b in zip([65536.0] + scales, scales))
+    skipped = sum(b < a for a, b in zip(scales, scales[1:]))
     finite = all(math.isfinite(v) for v in losses) and all(torch.isfinite(p).all() for p in model.parameters())
     return dict(check=f'fp16 + GradScaler, {steps} AdamW steps: losses and weights finite',
                 value=f'{skipped} skipped, final scale {scales[-1]:g}',
@@ -277,7 +254,7 @@ def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard) -> Tup
     return rows, None
 
 
-HEAD = (f'{"setting":<44} {"model":<34} {"img/s":>9} {"(min-max)":>19} {"vs ConvNeXt":>11} '
+HEAD = (f'{"setting":<44} {"model":<38} {"img/s":>9} {"(min-max)":>19} {"vs ConvNeXt":>11} '
         f'{"peak MiB":>9} {"vs ConvNeXt":>11} {"1st step s":>10}')
 
 
@@ -285,7 +262,7 @@ def print_row(row: Dict[str, Any]) -> None:
     spread = f'({row["min"]:.1f}-{row["max"]:.1f})'
     memory = (f'{row["peak_mib"]:9.1f} {row["memory_vs_convnext"]:10.2f}x' if row['peak_mib'] is not None
               else f'{"-":>9} {"-":>11}')
-    print(f'{row["setting"]:<44} {row["name"]:<34} {row["img_per_s"]:9.1f} {spread:>19} '
+    print(f'{row["setting"]:<44} {row["name"]:<38} {row["img_per_s"]:9.1f} {spread:>19} '
           f'{row["speed_vs_convnext"]:10.2f}x {memory} {row["first_step_s"]:10.1f}', flush=True)
 
 
@@ -332,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         {k: v for k, v in vars(args).items() if k != 'json'}), correctness=[], rows=[], skipped=[])
     print(f'# {describe(result["machine"])}', flush=True)
     try:
-        peer_label = build_convnext(args.convnext_arch, library=args.convnext)[1]
+        peer_label = convnext_label(args.convnext_arch, library=args.convnext)
     except ImportError as exc:
         raise SystemExit(f'gpu_benchmark.py: {exc}') from None
     result['convnext'] = peer_label
