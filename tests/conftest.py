@@ -156,3 +156,20 @@ def needs_convnext() -> None:
         convnext_label('t')
     except ImportError:
         pytest.skip('the ConvNeXt peer needs mmpretrain or timm')
+
+
+def assert_shipped_config_is_swap_output(shipped_path: str, src: str, head: str, tmp_path) -> 'object':
+    """One of our configs equals what ``swap_backbone(src, 't')`` writes, plus
+    the pretrained weights' ``init_cfg``; returns the shipped config."""
+    from mmengine.config import Config
+
+    from mmconv2former.swap import swap_backbone
+    shipped = Config.fromfile(osp.join(ROOT, shipped_path))
+    swap_backbone(src, 't', str(tmp_path / 'swapped.py'))
+    swapped = Config.fromfile(str(tmp_path / 'swapped.py'))
+    backbone = dict(shipped.model.backbone)
+    assert backbone.pop('init_cfg')['prefix'] == 'backbone.'
+    assert backbone == dict(swapped.model.backbone)
+    assert shipped.model[head] == swapped.model[head]
+    assert shipped.model.data_preprocessor == swapped.model.data_preprocessor
+    return shipped

@@ -2,13 +2,12 @@
 TSM) swapped train one step and predict on synthetic clips; 3D backbones are
 refused; configs/action/ is the tool's output plus pretrained weights."""
 import math
-import os.path as osp
 
 import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import ROOT, TINY
+from conftest import TINY, assert_shipped_config_is_swap_output
 from mmconv2former.swap import MEAN, STD, SwapError, check_config, swap_backbone
 
 pytest.importorskip('mmaction.models', reason='mmaction2 is not installed or does not import')
@@ -70,15 +69,9 @@ def test_refuses_3d_backbones_and_writes_nothing(src, reason, tmp_path):
 
 
 def test_shipped_config_is_the_tools_output_with_weights(tmp_path):
-    shipped = Config.fromfile(osp.join(
-        ROOT, 'configs/action/tsn_imagenet-pretrained-conv2former-t_8xb32-1x1x3-100e_kinetics400-rgb.py'))
-    swap_backbone(TSN, 't', str(tmp_path / 'swapped.py'))
-    swapped = Config.fromfile(str(tmp_path / 'swapped.py'))
-    backbone = dict(shipped.model.backbone)
-    assert backbone.pop('init_cfg')['prefix'] == 'backbone.'
-    assert backbone == dict(swapped.model.backbone)
-    assert shipped.model.cls_head == swapped.model.cls_head
-    assert shipped.model.data_preprocessor == swapped.model.data_preprocessor
+    shipped = assert_shipped_config_is_swap_output(
+        'configs/action/tsn_imagenet-pretrained-conv2former-t_8xb32-1x1x3-100e_kinetics400-rgb.py',
+        TSN, 'cls_head', tmp_path)
     from mmconv2former.engine.runtime import library_models
     model = library_models('mmaction').build(shipped.model)  # builds without the weights file
     assert model.backbone_from == 'mmpretrain' and model.cls_head.fc_cls.in_features == 576

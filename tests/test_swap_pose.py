@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mmengine.config import Config
 
-from conftest import ROOT, TINY
+from conftest import TINY, assert_shipped_config_is_swap_output
 from mmconv2former.swap import MEAN, STD, SwapError, check_config, resolve_config, swap_backbone
 
 pytest.importorskip('mmpose')
@@ -114,14 +114,9 @@ def test_refuses_a_dilated_pose_backbone():
 
 
 def test_shipped_config_is_the_tools_output_with_weights(tmp_path):
-    shipped = Config.fromfile(osp.join(ROOT, 'configs/pose/td-hm_conv2former-t_8xb64-210e_coco-256x192.py'))
-    swap_backbone(TD + 'td-hm_res50_8xb64-210e_coco-256x192.py', 't', str(tmp_path / 'swapped.py'))
-    swapped = Config.fromfile(str(tmp_path / 'swapped.py'))
-    backbone = dict(shipped.model.backbone)
-    assert backbone.pop('init_cfg')['prefix'] == 'backbone.'
-    assert backbone == dict(swapped.model.backbone)
-    assert shipped.model.head == swapped.model.head
-    assert shipped.model.data_preprocessor == swapped.model.data_preprocessor
+    shipped = assert_shipped_config_is_swap_output(
+        'configs/pose/td-hm_conv2former-t_8xb64-210e_coco-256x192.py',
+        TD + 'td-hm_res50_8xb64-210e_coco-256x192.py', 'head', tmp_path)
     from mmconv2former.engine.runtime import library_models
     model = library_models('mmpose').build(shipped.model)  # builds without the weights file
     assert model.head.final_layer.out_channels == 17
