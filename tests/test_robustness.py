@@ -1,5 +1,5 @@
 """Robustness: resume after a crash, safe checkpoints, AMP, distributed
-training on CPU, and clear errors for bad input (README: "Bad input")."""
+training on CPU, and clear errors for bad input (docs/bad_input.md)."""
 import json
 import os
 import os.path as osp

@@ -314,7 +314,7 @@ def test_demo_learns(tmp_path):
     """A 200-iteration run (a quarter of the demo) must already tell materials
     apart: far above predicting the most frequent class everywhere (aAcc 24.6,
     mIoU 4.9 on the default set; measured 37.5 mIoU, aAcc 51.3). The full 800
-    iterations reach 70.6 mIoU (README)."""
+    iterations reach 70.6 mIoU (docs/performance.md)."""
     from tools.demo.segmentation_demo import main
     summary = main(['--work-dir', str(tmp_path / 'work'), '--data-root', str(tmp_path / 'data'),
                     '--iters', '200', '--num-vis', '2'])
