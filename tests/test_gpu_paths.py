@@ -117,14 +117,25 @@ def test_gpu_benchmark_runs_every_path_on_cpu(tool, tmp_path, capsys):
     assert result['rows'][2]['name'] == result['convnext'] and result['convnext'] in out
     assert 'compiled' in out and '[FAILED]' not in out
     assert json.load(open(path))['settings']['backend'] == 'aot_eager'
+    # Where the time goes: a profiled step of each model in each profiled setting.
+    profiled = tool['breakdown_settings'](tiny=True)
+    assert [b['setting'] for b in result['breakdowns']] == [str(s) for s in profiled]
+    for breakdown in result['breakdowns']:
+        assert [m['name'] for m in breakdown['models']][-1] == result['convnext']
+        for model in breakdown['models']:
+            assert model['total_ms'] > 0 and model['kinds'] and model['kernels']
+    train = result['breakdowns'][0]['models']
+    assert any(k.endswith('recomputed') for k in train[0]['kinds'])  # recompute=True, the default
+    assert not any(k.endswith('recomputed') for k in train[1]['kinds'])  # recompute-off
+    assert '## train bf16, batch 2 at 64x64, eager: [1] Conv2Former-custom' in out
 
 
 def test_time_guard_skips_what_does_not_fit(tool, capsys):
     """With no time left, every setting is skipped with a note (the
     correctness block still runs: it comes first and is cheap)."""
     needs_convnext()
-    result = tool['main'](['--device', 'cpu', '--tiny', '--budget', '0', '--no-compile'])
-    assert not result['rows'] and len(result['skipped']) == 3
+    result = tool['main'](['--device', 'cpu', '--tiny', '--budget', '0', '--no-compile', '--no-profile'])
+    assert not result['rows'] and len(result['skipped']) == 3 and not result['breakdowns']
     assert all(s['note'].startswith('skipped') for s in result['skipped'])
     assert 'skipped: needs about' in capsys.readouterr().out
 

@@ -47,6 +47,7 @@ from mmconv2former.engine.profiling import (Case, TrainStep, autocast, build_con
                                             build_models, convnext_label, describe, gradients, machine,
                                             make_step, paired_ratio, peak_memory, summarise, synchronize,
                                             time_interleaved)
+from mmconv2former.engine.breakdown import step_breakdown  # noqa: E402
 from mmconv2former.models import Conv2FormerBlock  # noqa: E402
 
 #: ``--tiny``: one block per stage, a kernel above 3x3 (and a ConvNeXt of the
@@ -189,6 +190,65 @@ def correctness(arch: Union[str, dict], batch: int, side: int, device: str) -> L
     return results + [check_fp16(arch, x)]
 
 
+# ---------------------------------------------------------------------------- profile
+def breakdown_settings(tiny: bool) -> List[Setting]:
+    """The settings profiled: bf16 training at both shapes, bf16 inference
+    at the small one; eager (compiled graphs hide the operators)."""
+    if tiny:
+        return [Setting('train', 'bf16', 2, 64, False), Setting('inference', 'bf16', 2, 64, False)]
+    return [Setting('train', 'bf16', 64, 224, False), Setting('train', 'bf16', 4, 1024, False),
+            Setting('inference', 'bf16', 64, 224, False)]
+
+
+def run_breakdowns(args: argparse.Namespace, limit: float) -> List[Dict[str, Any]]:
+    """One profiled step of each model of each :func:`breakdown_settings`,
+    after two warm-up steps; stops once ``limit`` seconds have passed."""
+    start, results = time.perf_counter(), []
+    for setting in breakdown_settings(args.tiny):
+        if time.perf_counter() - start > limit:
+            results.append(dict(setting=str(setting), skipped=f'over the {limit:.0f} s given to profiles'))
+            continue
+        x = torch.randn(setting.batch, 3, setting.side, setting.side, device=args.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        models = []
+        for key, label, model in models_for(setting, args.arch, args.convnext_arch, args.convnext):
+            step = make_step(on_device(model, args.device, False, args.backend), x, setting.mode == 'train',
+                             setting.dtype)
+            for _ in range(2):
+                step()
+            models.append(dict(key=key, name=label, **step_breakdown(step, args.device)))
+            del step, model
+        results.append(dict(setting=str(setting), models=models))
+        if torch.device(args.device).type == 'cuda':
+            torch.cuda.empty_cache()
+    return results
+
+
+def print_breakdown(result: Dict[str, Any], kernels: int = 8) -> None:
+    """One setting: a row per operator kind, a column per model (ms and
+    share of the step), then each model's longest kernels."""
+    if 'skipped' in result:
+        print(f'## {result["setting"]}: skipped, {result["skipped"]}', flush=True)
+        return
+    models = result['models']
+    kinds = list(dict.fromkeys(k for m in models for k in m['kinds']))
+    print(f'## {result["setting"]}: ' + '  '.join(f'[{i}] {m["name"]}' for i, m in enumerate(models, 1)),
+          flush=True)
+    print(f'{"kind, pass":<46}' + ''.join(f'{f"[{i}] ms":>11}{"%":>7}' for i in range(1, len(models) + 1)),
+          flush=True)
+    for kind in kinds + ['total']:
+        cells = ''
+        for m in models:
+            ms = m['total_ms'] if kind == 'total' else m['kinds'].get(kind)
+            cells += f'{"-":>11}{"":>7}' if ms is None else f'{ms:11.2f}{100 * ms / max(m["total_ms"], 1e-9):6.1f}%'
+        print(f'{kind:<46}{cells}', flush=True)
+    for m in models:
+        what = 'kernels' if m['device_time'] else 'operators (own CPU time)'
+        print(f'  longest {what} of {m["name"]}:', flush=True)
+        for k in m['kernels'][:kernels]:
+            print(f'    {k["ms"]:9.2f} ms {k["calls"]:5d} calls  {k["kind"][:40]:<40} {k["name"][:90]}', flush=True)
+
+
 # ---------------------------------------------------------------------------- timing
 class Guard:
     """Whether the next setting, or the next compilation, fits in the time
@@ -276,6 +336,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              '--backend is given)')
     parser.add_argument('--quick', action='store_true', help='compiled settings: bf16 at 224 only')
     parser.add_argument('--no-compile', action='store_true', help='eager settings only')
+    parser.add_argument('--no-profile', action='store_true',
+                        help='skip the profiled steps (where the time goes, by operator kind and kernel)')
     parser.add_argument('--backend', help='torch.compile backend (default inductor; aot_eager with --tiny)')
     parser.add_argument('--budget', type=float, default=400,
                         help='seconds the whole run may take; settings that would overrun it are '
@@ -306,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if torch.device(args.device).type == 'cuda':
         torch.backends.cudnn.benchmark = True
     result: Dict[str, Any] = dict(machine=machine(), settings=copy.deepcopy(
-        {k: v for k, v in vars(args).items() if k != 'json'}), correctness=[], rows=[], skipped=[])
+        {k: v for k, v in vars(args).items() if k != 'json'}), correctness=[], breakdowns=[], rows=[], skipped=[])
     print(f'# {describe(result["machine"])}', flush=True)
     try:
         peer_label = convnext_label(args.convnext_arch, library=args.convnext)
@@ -323,6 +385,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         result['correctness'].append(check)
         value = f'{check["value"]:.2e} (limit {check["limit"]:g})' if 'limit' in check else check['value']
         print(f'  [{"ok" if check["passed"] else "FAILED"}] {check["check"]}: {value}', flush=True)
+
+    if not args.no_profile:
+        print('# where the time goes: one step under torch.profiler; each operator counted once, with '
+              f'the {"device time of the kernels" if torch.device(args.device).type == "cuda" else "CPU time"} '
+              'launched under it (mmconv2former/engine/breakdown.py)', flush=True)
+        for breakdown in run_breakdowns(args, limit=0.15 * args.budget):
+            result['breakdowns'].append(breakdown)
+            print_breakdown(breakdown)
 
     print('# speed: img/s median (min-max) of the timed steps; "vs ConvNeXt": paired median ratio; '
           'peak MiB: max_memory_allocated during one step above the weights, optimiser state and '
