@@ -1,0 +1,77 @@
+"""``tools/dev/depthwise_conv_probe.py``: the Triton candidate for the
+depthwise convolutions, checked here on a CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``, set in a child process: the interpreter is chosen
+when the kernels are defined), and the probe's timing code at tiny shapes."""
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytest.importorskip('triton')
+PROBE = osp.join(ROOT, 'tools', 'dev', 'depthwise_conv_probe.py')
+
+
+def run_python(args, interpret: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE')
+    env.pop('TRITON_INTERPRET', None)
+    if interpret:
+        env['TRITON_INTERPRET'] = '1'
+    return subprocess.run([sys.executable] + args, capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600, **kwargs)
+
+
+def test_triton_kernels_match_fp64_under_the_interpreter(tmp_path):
+    """Forward, input gradient (the flipped-kernel trick) and weight gradient
+    (split over rows, atomically summed), fp32 and bf16 data, channel counts
+    and widths that are not multiples of the blocks."""
+    path = str(tmp_path / 'checks.json')
+    done = run_python([PROBE, '--device', 'cpu', '--json', path])
+    assert done.returncode == 0, done.stdout + done.stderr
+    checks = json.load(open(path))['checks']
+    assert len(checks) == 12 and all(c['passed'] for c in checks)
+    assert {c['direction'] for c in checks} == {'forward', 'input grad', 'weight grad'}
+    assert max(c['error'] for c in checks if c['dtype'] == 'torch.float32') < 1e-6
+    assert '[FAILED]' not in done.stdout
+
+
+def test_the_check_tells_a_wrong_gradient_from_a_right_one():
+    """The input gradient through the kernel *unflipped* (a plausible bug)
+    is far off the fp64 reference, so the check above can fail."""
+    code = f"""
+import runpy, torch
+probe = runpy.run_path({PROBE!r})
+x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+w, dy = torch.randn(16, 1, 3, 3), torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+want = probe['reference'](x, w, dy)['input grad']
+right = probe['relative_error'](probe['triton_input_grad'](dy, w), want)
+wrong = probe['relative_error'](probe['triton_forward'](dy, w), want)
+print(right, wrong)
+"""
+    done = run_python(['-c', code])
+    assert done.returncode == 0, done.stderr
+    right, wrong = map(float, done.stdout.split())
+    assert right < 1e-6 and wrong > 0.1
+
+
+def test_cpu_needs_the_interpreter():
+    done = run_python([PROBE, '--device', 'cpu'], interpret=False)
+    assert done.returncode == 2 and 'TRITON_INTERPRET=1' in done.stderr
+
+
+@pytest.mark.slow
+def test_probe_times_every_implementation_at_tiny_shapes(tmp_path):
+    path = str(tmp_path / 'probe.json')
+    done = run_python([PROBE, '--device', 'cpu', '--tiny', '--json', path])
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.load(open(path))
+    implementations = {'cuDNN, channels-last', 'PyTorch, NCHW', 'Triton, channels-last'}
+    assert len(result['rows']) == 3 and all(set(r['times']) == implementations for r in result['rows'])
+    for row in result['rows']:
+        assert all(row['times'][impl][d] > 0 for impl in implementations
+                   for d in ('forward', 'input grad', 'weight grad'))
+        assert set(row['times']['Triton, channels-last']['configs']) == {'forward', 'input grad', 'weight grad'}
+    assert set(result['totals']) == {'tiny 3x3, batch 1 at 36x36', 'tiny 5x5, batch 1 at 36x36'}
