@@ -25,6 +25,7 @@ from mmengine.model.weight_init import trunc_normal_
 
 from ..checkpoint import (arch_name, check_shapes, extract_state_dict, infer_arch,
                           safe_load, split_keys)
+from ..ops.depthwise_conv import DEPTHWISE_OP
 from ..registry import register_model
 from .layers import ConvNHWC, DropPath
 
@@ -37,13 +38,13 @@ class ConvModulation(nn.Module):
     Channels-last in and out; submodule names are the release's.
     """
 
-    def __init__(self, dim: int, kernel_size: int) -> None:
+    def __init__(self, dim: int, kernel_size: int, depthwise_impl: str = 'torch') -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.att = nn.Sequential(
             ConvNHWC(dim, dim, 1),
             nn.GELU(),
-            ConvNHWC(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim),
+            ConvNHWC(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, depthwise_impl=depthwise_impl),
         )
         self.v = ConvNHWC(dim, dim, 1)
         self.proj = ConvNHWC(dim, dim, 1)
@@ -60,12 +61,12 @@ class ConvMLP(nn.Module):
     information (the release calls it ``pos``). Channels-last in and out.
     """
 
-    def __init__(self, dim: int, mlp_ratio: int = 4) -> None:
+    def __init__(self, dim: int, mlp_ratio: int = 4, depthwise_impl: str = 'torch') -> None:
         super().__init__()
         hidden = dim * mlp_ratio
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.fc1 = ConvNHWC(dim, hidden, 1)
-        self.pos = ConvNHWC(hidden, hidden, 3, padding=1, groups=hidden)
+        self.pos = ConvNHWC(hidden, hidden, 3, padding=1, groups=hidden, depthwise_impl=depthwise_impl)
         self.fc2 = ConvNHWC(hidden, dim, 1)
         self.act = nn.GELU()
 
@@ -87,10 +88,11 @@ class Conv2FormerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, kernel_size: int, mlp_ratio: int = 4,
-                 drop_path: float = 0.0, layer_scale_init_value: Optional[float] = 1e-6) -> None:
+                 drop_path: float = 0.0, layer_scale_init_value: Optional[float] = 1e-6,
+                 depthwise_impl: str = 'torch') -> None:
         super().__init__()
-        self.attn = ConvModulation(dim, kernel_size)
-        self.mlp = ConvMLP(dim, mlp_ratio)
+        self.attn = ConvModulation(dim, kernel_size, depthwise_impl)
+        self.mlp = ConvMLP(dim, mlp_ratio, depthwise_impl)
         for name in ('layer_scale_1', 'layer_scale_2'):
             self.register_parameter(name, None if layer_scale_init_value is None else
                                     nn.Parameter(torch.full((dim,), layer_scale_init_value)))
@@ -109,15 +111,16 @@ def _scaled(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
 def _keep_products(ctx, op, *args, **kwargs) -> 'cp.CheckpointPolicy':
     """What a block stores for its backward pass under ``recompute=True``: the
     outputs of the matrix products (the 1x1 convolutions) and of convolutions
-    with kernels larger than 3x3 (the large-kernel depthwise one, whose
-    recomputation would cost as much as a matrix product). Everything else,
+    with kernels larger than 3x3 (the large-kernel depthwise one, PyTorch's
+    or the Triton operator, whose recomputation would cost as much as a
+    matrix product). Everything else,
     memory-bound and cheap to redo (LayerNorms, GELUs, the modulation product,
     the MLP's 3x3 depthwise convolution on its 4C-wide tensor), is recomputed
     in the backward pass."""
     aten = torch.ops.aten
     if op in (aten.mm.default, aten.addmm.default):
         return cp.CheckpointPolicy.MUST_SAVE
-    if op is aten.convolution.default and args[1].shape[-1] > 3:
+    if (op is aten.convolution.default or op is DEPTHWISE_OP) and args[1].shape[-1] > 3:
         return cp.CheckpointPolicy.MUST_SAVE
     return cp.CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -219,6 +222,13 @@ class Conv2Former(BaseModule):
             selective checkpointing allows one backward pass through a block:
             for double backward (gradient penalties), use False or
             ``with_cp=True``. Defaults to True.
+        depthwise_impl: who computes the blocks' depthwise convolutions:
+            ``'torch'`` (``F.conv2d``: cuDNN on a GPU, oneDNN on a CPU) or
+            ``'triton'`` (the Triton kernels of
+            :mod:`mmconv2former.ops.depthwise_conv` on CUDA tensors, PyTorch
+            elsewhere), a candidate for the GPU whose measurement is in
+            ``docs/gpu_benchmark.md``. The weights and the numbers are the
+            same up to fp32 summation order. Defaults to ``'torch'``.
         pretrained: deprecated; use ``init_cfg=dict(type='Pretrained',
             checkpoint=...)``. Defaults to None.
         init_cfg: initialisation config. ``dict(type='Pretrained',
@@ -252,6 +262,7 @@ class Conv2Former(BaseModule):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  recompute: bool = True,
+                 depthwise_impl: str = 'torch',
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         if pretrained is not None:
@@ -290,6 +301,9 @@ class Conv2Former(BaseModule):
         if not isinstance(recompute, bool):
             raise ValueError(f'recompute must be True or False, got {recompute!r}')
         self.recompute = recompute
+        if depthwise_impl not in ('torch', 'triton'):
+            raise ValueError(f"depthwise_impl must be 'torch' or 'triton', got {depthwise_impl!r}")
+        self.depthwise_impl = depthwise_impl
         self.deployed = False
 
         # Stem (index 0) and the three stride-2 patch mergings. Between stages:
@@ -308,7 +322,7 @@ class Conv2Former(BaseModule):
         for dim, depth in zip(self.channels, self.depths):
             self.stages.append(nn.Sequential(*[
                 Conv2FormerBlock(dim, self.kernel_size, self.mlp_ratio, rates[first + j],
-                                 layer_scale_init_value) for j in range(depth)]))
+                                 layer_scale_init_value, depthwise_impl) for j in range(depth)]))
             first += depth
 
         # One entry per stage so that names stay ``out_norms.{stage}``.

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.depthwise_conv import covers, depthwise_conv_nhwc
+
 
 class ConvNHWC(nn.Conv2d):
     """``nn.Conv2d`` whose input and output are channels-last ``(B, H, W, C)``.
@@ -23,17 +25,35 @@ class ConvNHWC(nn.Conv2d):
     view, which oneDNN and cuDNN consume without a copy. (Measured on x86 CPUs:
     oneDNN's NCHW depthwise kernels are faster at some stages alone, but
     slower everywhere once the two layout conversions are paid for.)
+
+    ``depthwise_impl='triton'`` (a depthwise convolution with "same" padding
+    only) runs it through :func:`mmconv2former.ops.depthwise_conv.depthwise_conv_nhwc`:
+    Triton kernels on CUDA tensors, ``F.conv2d`` elsewhere.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, depthwise_impl: str = 'torch', **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.is_pointwise = (self.kernel_size == (1, 1) and self.stride == (1, 1)
                              and self.groups == 1 and self.padding in ((0, 0), 'valid'))
+        if depthwise_impl not in ('torch', 'triton'):
+            raise ValueError(f"depthwise_impl must be 'torch' or 'triton', got {depthwise_impl!r}")
+        if depthwise_impl == 'triton' and not covers(self):
+            raise ValueError("depthwise_impl='triton' covers depthwise convolutions (groups == channels) "
+                             'with stride 1 and an odd kernel padded by K // 2; this convolution is '
+                             f'{self.extra_repr()}')
+        self.depthwise_impl = depthwise_impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_pointwise:
             return F.linear(x, self.weight.flatten(1), self.bias)
+        if self.depthwise_impl == 'triton':
+            return depthwise_conv_nhwc(x, self.weight, self.bias)
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        return extra + ", depthwise_impl='triton'" if getattr(self, 'depthwise_impl', 'torch') == 'triton' \
+            else extra
 
 
 class LayerNorm2d(nn.LayerNorm):

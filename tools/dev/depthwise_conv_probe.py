@@ -20,20 +20,18 @@ batch 64 at 224x224 and batch 4 at 1024x1024):
 * per model and batch shape, the sum over all its blocks: the milliseconds a
   training step spends in depthwise convolutions with each implementation.
 
-The Triton candidate computes in fp32 from bf16 (or fp32) data: the forward
-pass and the input gradient (the same kernel over the flipped weights: for an
-odd kernel with "same" padding, dL/dx is dL/dy convolved with the kernel
-turned by 180 degrees) and the weight gradient (per kernel row and channel
-block, a slice of the rows, the products summed over the row's pixels and
-atomically added). It supports what the models use: stride 1, padding K//2,
-odd K, channels-last contiguous data. It is checked against ``F.conv2d`` in
-fp32 before it is timed; on a CPU, under Triton's interpreter, the check is
-all that runs. It would move into the package, behind a standard autograd
-operator with a PyTorch fallback, only if this table shows that it pays.
+The Triton kernels are the package's (``mmconv2former/ops/depthwise_conv.py``,
+what ``Conv2Former(depthwise_impl='triton')`` runs), each tried in the block
+shapes of ``FORWARD_CONFIGS`` and ``WGRAD_CONFIGS`` (the fastest counts and is
+named), after a check against fp64 on fresh random data. On a CPU, under
+Triton's interpreter, the check is all that runs (``--tiny`` adds the timing
+code at tiny shapes). The operator becomes the default only if this table
+and gpu_benchmark.py's training rows show that it pays.
 """
 import argparse
 import json
 import os
+import os.path as osp
 import statistics
 import sys
 import time
@@ -42,11 +40,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the probe still times cuDNN and PyTorch's kernel
-    triton = None
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
+
+from mmconv2former.ops import depthwise_conv as dw  # noqa: E402
 
 #: (model, kernel, [(channels, blocks) per stage]) for the two models' depthwise convolutions.
 LAYERS = [
@@ -64,112 +60,20 @@ WGRAD_CONFIGS = [(8, 32, 4), (16, 32, 4), (8, 64, 4)]
 
 
 # ---------------------------------------------------------------------------- Triton candidate
-if triton is not None:
-    @triton.jit
-    def _dw_forward(x_ptr, w_ptr, y_ptr, H, W, C, K: tl.constexpr, BLOCK_W: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
-        """One output row segment: y[n, h, w:w+BW, c:c+BC] = sum over the
-        K x K window of x * w[kh, kw, c] (w laid out [K*K, C])."""
-        row = tl.program_id(0)  # n * H + h
-        n = row // H
-        h = row % H
-        w_offs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        c_offs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = c_offs < C
-        acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        for kh in range(K):
-            ih = h + kh - K // 2
-            row_ok = (ih >= 0) & (ih < H)
-            base = x_ptr + (n * H + ih) * W * C
-            for kw in tl.static_range(K):
-                iw = w_offs + kw - K // 2
-                mask = row_ok & ((iw >= 0) & (iw < W))[:, None] & c_mask[None, :]
-                xv = tl.load(base + iw[:, None] * C + c_offs[None, :], mask=mask, other=0.0)
-                wv = tl.load(w_ptr + (kh * K + kw) * C + c_offs, mask=c_mask, other=0.0)
-                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        out = y_ptr + row * W * C + w_offs[:, None] * C + c_offs[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(w_offs < W)[:, None] & c_mask[None, :])
-
-    @triton.jit
-    def _dw_weight_grad(x_ptr, dy_ptr, dw_ptr, H, W, C, ROWS, ROWS_PER_PROGRAM, K: tl.constexpr,
-                        K_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """dw[kh, :, c] over rows [s * RPP, (s + 1) * RPP) of the N * H
-        output rows: every kw of kernel row kh at once, the window's K input
-        pixels loaded as one [K_PAD, BLOCK_W, BLOCK_C] tile; fp32 partial
-        sums atomically added into dw (fp32, [K*K, C])."""
-        kh = tl.program_id(0)
-        c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = c_offs < C
-        kw = tl.arange(0, K_PAD)
-        acc = tl.zeros((K_PAD, BLOCK_W, BLOCK_C), dtype=tl.float32)
-        first = tl.program_id(2) * ROWS_PER_PROGRAM
-        last = tl.minimum(first + ROWS_PER_PROGRAM, ROWS)
-        for row in range(first, last):
-            n = row // H
-            ih = row % H + kh - K // 2
-            row_ok = (ih >= 0) & (ih < H)
-            x_row = x_ptr + (n * H + ih) * W * C
-            dy_row = dy_ptr + row * W * C
-            for w0 in range(0, W, BLOCK_W):
-                w_offs = w0 + tl.arange(0, BLOCK_W)
-                dy = tl.load(dy_row + w_offs[:, None] * C + c_offs[None, :],
-                             mask=(w_offs < W)[:, None] & c_mask[None, :], other=0.0)
-                iw = w_offs[None, :, None] + kw[:, None, None] - K // 2
-                mask = row_ok & (iw >= 0) & (iw < W) & (kw < K)[:, None, None] & c_mask[None, None, :]
-                xv = tl.load(x_row + iw * C + c_offs[None, None, :], mask=mask, other=0.0)
-                acc += xv.to(tl.float32) * dy.to(tl.float32)[None, :, :]
-        dw = tl.sum(acc, axis=1)
-        tl.atomic_add(dw_ptr + (kh * K + kw)[:, None] * C + c_offs[None, :], dw,
-                      mask=(kw < K)[:, None] & c_mask[None, :])
-
-
-def _check_supported(x: torch.Tensor, weight: torch.Tensor) -> Tuple[int, int, int, int, int]:
-    n, c, h, w = x.shape
-    k = weight.shape[-1]
-    if weight.shape != (c, 1, k, k) or k % 2 == 0:
-        raise ValueError(f'depthwise weight [C, 1, K, K] with odd K expected, got {tuple(weight.shape)}')
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError('channels-last contiguous input expected')
-    if x.numel() >= 2 ** 31:
-        raise ValueError('the kernels index with 32-bit integers: fewer than 2**31 elements')
-    return n, c, h, w, k
-
-
 def triton_forward(x: torch.Tensor, weight: torch.Tensor, config: Sequence[int] = FORWARD_CONFIGS[0]
                    ) -> torch.Tensor:
-    """``F.conv2d(x, weight, padding=K // 2, groups=C)`` for channels-last
-    ``x`` (NCHW shape), with the Triton kernel."""
-    n, c, h, w, k = _check_supported(x, weight)
-    block_w, block_c, warps = config
-    taps = weight.reshape(c, k * k).t().contiguous()  # [K*K, C]: a tap's channels side by side
-    y = torch.empty_like(x)  # channels-last, like x
-    grid = (n * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))
-    _dw_forward[grid](x, taps, y, h, w, c, K=k, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
-    return y
+    """The package's forward kernel on channels-last ``x`` of NCHW shape."""
+    return dw.forward_nhwc(x.permute(0, 2, 3, 1), weight, None, config).permute(0, 3, 1, 2)
 
 
 def triton_input_grad(dy: torch.Tensor, weight: torch.Tensor, config: Sequence[int] = FORWARD_CONFIGS[0]
                       ) -> torch.Tensor:
-    """dL/dx: ``dy`` through the same kernel with the weights turned by 180 degrees."""
-    return triton_forward(dy, weight.flip(-1, -2), config)
+    return dw.input_grad_nhwc(dy.permute(0, 2, 3, 1), weight, config).permute(0, 3, 1, 2)
 
 
-def triton_weight_grad(x: torch.Tensor, dy: torch.Tensor, k: int, config: Sequence[int] = WGRAD_CONFIGS[0],
-                       programs: Optional[int] = None) -> torch.Tensor:
-    """dL/dw ``[C, 1, K, K]`` (fp32) of the depthwise convolution."""
-    n, c, h, w, _ = _check_supported(x, torch.empty(x.shape[1], 1, k, k))
-    block_w, block_c, warps = config
-    if programs is None:  # about four waves of the GPU's multiprocessors; on a CPU (the interpreter),
-        # enough to exercise the split-and-add path
-        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
-    rows = n * h
-    splits = max(1, min(rows, triton.cdiv(programs, k * triton.cdiv(c, block_c))))
-    per_program = triton.cdiv(rows, splits)
-    dw = torch.zeros(k * k, c, device=x.device, dtype=torch.float32)
-    grid = (k, triton.cdiv(c, block_c), triton.cdiv(rows, per_program))
-    _dw_weight_grad[grid](x, dy, dw, h, w, c, rows, per_program, K=k, K_PAD=triton.next_power_of_2(k),
-                          BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
-    return dw.t().reshape(c, 1, k, k)
+def triton_weight_grad(x: torch.Tensor, dy: torch.Tensor, k: int, config: Sequence[int] = WGRAD_CONFIGS[0]
+                       ) -> torch.Tensor:
+    return dw.weight_grad_nhwc(x.permute(0, 2, 3, 1), dy.permute(0, 2, 3, 1), k, config)
 
 
 # ---------------------------------------------------------------------------- PyTorch
@@ -285,7 +189,7 @@ def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False, wi
     """Every layer shape of :data:`LAYERS` at :data:`SHAPES` (``tiny``:
     :data:`TINY_LAYERS` at :data:`TINY_SHAPES`, one timed call: the code paths only)."""
     start, rows, totals = time.perf_counter(), [], {}
-    with_triton = with_triton and triton is not None
+    with_triton = with_triton and dw.AVAILABLE
     for model, k, stages in (TINY_LAYERS if tiny else LAYERS):
         for batch, side in (TINY_SHAPES if tiny else SHAPES):
             key = f'{model} {k}x{k}, batch {batch} at {side}x{side}'
@@ -329,18 +233,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument('--json', metavar='PATH', help='also write the results to this JSON file')
     args = parser.parse_args(argv)
     cpu = args.device == 'cpu'
-    if cpu and os.environ.get('TRITON_INTERPRET') != '1' and triton is not None:
+    if cpu and not dw.INTERPRETED and dw.AVAILABLE:
         parser.error('on a CPU the Triton kernels run under the interpreter: set TRITON_INTERPRET=1')
     if not cpu and not torch.cuda.is_available():
         parser.error('no CUDA device here; use --device cpu with TRITON_INTERPRET=1 to check the kernels')
     dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
     result: Dict[str, Any] = dict(device=torch.cuda.get_device_name() if not cpu else 'cpu',
-                                  torch=torch.__version__, triton=getattr(triton, '__version__', None),
+                                  torch=torch.__version__, triton=getattr(dw.triton, '__version__', None),
                                   cudnn=torch.backends.cudnn.version(), dtype=args.dtype, checks=[])
     print(f'# {result["device"]}, torch {result["torch"]}, cuDNN {result["cudnn"]}, '
           f'Triton {result["triton"]}, {args.dtype}', flush=True)
-    if triton is None:
-        print('# Triton is not installed: cuDNN and PyTorch only', flush=True)
+    if not dw.AVAILABLE:
+        print('# no Triton (or torch < 2.4): cuDNN and PyTorch only', flush=True)
     else:
         shapes = [(2, 40, 9, 13, 5), (1, 24, 7, 7, 3)] if cpu else \
             [(4, 72, 56, 56, 11), (2, 288, 14, 14, 3), (2, 96, 28, 28, 7), (1, 576, 7, 7, 11)]

@@ -1,0 +1,116 @@
+"""The Triton depthwise operator run by Triton's interpreter on a CPU.
+
+Not collected by a plain ``pytest`` run (the file name does not start with
+``test_``): the interpreter must be chosen before the kernels are defined, so
+``tests/test_triton_depthwise.py`` runs this file in a child ``pytest`` with
+``TRITON_INTERPRET=1``. Shapes are tiny: the interpreter runs each program in
+Python.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomise, relative_error
+
+from mmconv2former.models import Conv2Former, ConvNHWC
+from mmconv2former.ops import depthwise_conv as dw
+
+if os.environ.get('TRITON_INTERPRET') != '1' or not dw.AVAILABLE:
+    pytest.skip('run by tests/test_triton_depthwise.py with TRITON_INTERPRET=1', allow_module_level=True)
+
+#: Four stages of one block each; the MLP's 4x width stays one channel block.
+ARCH = dict(channels=[8, 8, 16, 16], depths=[1, 1, 1, 1], kernel_size=5)
+
+
+def nhwc(*shape, **kwargs) -> torch.Tensor:
+    return torch.randn(*shape, **kwargs)
+
+
+@pytest.mark.parametrize('k,bias,shape', [(5, True, (2, 7, 9, 40)), (3, False, (1, 5, 4, 24)),
+                                          (7, True, (1, 3, 8, 33))])
+def test_operator_matches_conv2d_forward_and_backward(k, bias, shape):
+    """Output, input, weight and bias gradients against ``F.conv2d`` in fp32;
+    widths and channel counts that are not multiples of the kernels' blocks."""
+    c = shape[-1]
+    x = nhwc(*shape).requires_grad_()
+    w = torch.randn(c, 1, k, k, requires_grad=True)
+    b = torch.randn(c, requires_grad=True) if bias else None
+    dy = torch.randn(shape)
+    y = dw.depthwise_conv_nhwc(x, w, b)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    b2 = b.detach().clone().requires_grad_() if bias else None
+    y2 = F.conv2d(x2.permute(0, 3, 1, 2), w2, b2, padding=k // 2, groups=c).permute(0, 2, 3, 1)
+    want = torch.autograd.grad(y2, [t for t in (x2, w2, b2) if t is not None], dy)
+    assert relative_error(y, y2) < 1e-6
+    for got, expected in zip(grads, want):
+        assert got.shape == expected.shape and relative_error(got, expected) < 1e-5
+
+
+def test_autocast_casts_as_for_a_convolution():
+    conv = ConvNHWC(24, 24, 5, padding=2, groups=24, depthwise_impl='triton')
+    ref = ConvNHWC(24, 24, 5, padding=2, groups=24)
+    ref.load_state_dict(conv.state_dict())
+    x = nhwc(2, 6, 6, 24)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y, y_ref = conv(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert relative_error(y, y_ref) < 1e-2
+    y.float().square().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
+
+
+def _pair(**kwargs):
+    torch_model = randomise(Conv2Former(ARCH, **kwargs)).train()
+    triton_model = Conv2Former(ARCH, depthwise_impl='triton', **kwargs).train()
+    triton_model.load_state_dict(torch_model.state_dict())
+    return torch_model, triton_model
+
+
+def _grads(model, x, call=None):
+    model.zero_grad(set_to_none=True)
+    sum(o.square().mean() for o in (model if call is None else call)(x)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('recompute', [True, False])
+def test_backbone_gradients_match_pytorchs(recompute):
+    torch_model, triton_model = _pair(recompute=recompute)
+    x = torch.randn(2, 3, 32, 32)
+    expected, got = _grads(torch_model, x), _grads(triton_model, x)
+    assert expected.keys() == got.keys()
+    for name, g in expected.items():
+        assert relative_error(got[name], g) < 1e-4, name
+
+
+def test_selective_checkpointing_stores_the_operators_large_kernel_output(monkeypatch):
+    """recompute=True keeps the 5x5 operator's output like cuDNN's: the
+    kernel runs as often as with recompute=False (forward and input gradient
+    per block), not once more for recomputation."""
+    calls = []
+    forward = dw.forward_nhwc
+
+    def counting(x, weight, bias=None, config=dw.FORWARD_CONFIG):
+        calls.append(weight.shape[-1])
+        return forward(x, weight, bias, config)
+    monkeypatch.setattr(dw, 'forward_nhwc', counting)
+    counts = {}
+    for recompute in (False, True):
+        calls.clear()
+        _grads(_pair(recompute=recompute)[1], torch.randn(1, 3, 32, 32))
+        counts[recompute] = (calls.count(5), calls.count(3))
+    blocks = sum(ARCH['depths'])
+    assert counts[False][0] == counts[True][0] == 2 * blocks
+    assert counts[True][1] == counts[False][1] + blocks  # the 3x3 one is recomputed, as with PyTorch's
+
+
+def test_compiled_backbone_matches_eager():
+    """torch.compile sees an opaque operator with a shape function (aot_eager:
+    graph capture and the recompute partition without code generation)."""
+    torch_model, triton_model = _pair(recompute=True)
+    x = torch.randn(1, 3, 32, 32)
+    compiled = torch.compile(triton_model, backend='aot_eager', dynamic=False)
+    expected, got = _grads(torch_model, x), _grads(triton_model, x, compiled)
+    for name, g in expected.items():
+        assert relative_error(got[name], g) < 1e-4, name

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run for the GPU work, as one command
+# that fits one device call (about 8 minutes on an H200, start-up not
+# counted) and leaves its logs in OUTDIR:
+#   1. mmengine and its small pure-Python needs from ./wheelhouse (made on a
+#      connected machine by tools/analysis/make_wheelhouse.sh), installed
+#      into a folder of their own;
+#   2. tools/dev/depthwise_conv_probe.py: the depthwise convolutions per
+#      direction, cuDNN against PyTorch's kernel and the Triton candidate;
+#   3. tools/analysis/gpu_benchmark.py: correctness, where the time goes, and
+#      the speed and memory table.
+#
+#   bash tools/dev/gpu_session.sh OUTDIR           # on the GPU machine
+#   bash tools/dev/gpu_session.sh OUTDIR --cpu     # every step at tiny shapes on a CPU, first
+#
+# Budgets: PROBE_BUDGET (default 60 s of timings) and BENCHMARK_BUDGET
+# (default 360 s, the benchmark's own time guard).
+set -uo pipefail
+out=${1:?usage: gpu_session.sh OUTDIR [--cpu]}
+cpu=0
+[ "${2:-}" = "--cpu" ] && cpu=1
+cd "$(dirname "$0")/../.."
+mkdir -p "$out"
+site=$(mktemp -d)
+status=0
+
+if [ ! -d wheelhouse ]; then
+    echo "no ./wheelhouse: run bash tools/analysis/make_wheelhouse.sh wheelhouse on a connected machine" >&2
+    exit 2
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" --find-links wheelhouse \
+    mmengine addict yapf termcolor platformdirs || exit 1
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
+
+{ date -u; nvidia-smi 2>&1 || echo "no nvidia-smi"; python3 -c 'import torch; print(torch.__version__,
+torch.version.cuda, torch.backends.cudnn.version())'; } > "$out/machine.txt"
+
+if [ $cpu = 1 ]; then
+    TRITON_INTERPRET=1 python3 tools/dev/depthwise_conv_probe.py --device cpu --tiny \
+        --json "$out/depthwise.json" 2>&1 | tee "$out/depthwise.log" || status=1
+    python3 tools/analysis/gpu_benchmark.py --device cpu --tiny --json "$out/gpu_benchmark.json" 2>&1 \
+        | tee "$out/gpu_benchmark.log" || status=1
+else
+    python3 tools/dev/depthwise_conv_probe.py --budget "${PROBE_BUDGET:-60}" --json "$out/depthwise.json" 2>&1 \
+        | tee "$out/depthwise.log" || status=1
+    python3 tools/analysis/gpu_benchmark.py --budget "${BENCHMARK_BUDGET:-360}" \
+        --json "$out/gpu_benchmark.json" 2>&1 | tee "$out/gpu_benchmark.log" || status=1
+fi
+rm -rf "$site"
+exit $status
