@@ -130,6 +130,28 @@ def test_gpu_benchmark_runs_every_path_on_cpu(tool, tmp_path, capsys):
     assert '## train bf16, batch 2 at 64x64, eager: [1] Conv2Former-custom' in out
 
 
+def test_triton_variant_joins_the_eager_settings_and_the_gradient_checks(tool):
+    """Where the Triton depthwise operator runs (CUDA, or the interpreter),
+    Conv2Former-T with it is timed in eager settings and its gradients are
+    checked; here its fallback (PyTorch's convolution) runs the same code."""
+    needs_convnext()
+    arch, peer = tool['TINY_ARCH'], {k: tool['TINY_ARCH'][k] for k in ('channels', 'depths')}
+    Setting = tool['Setting']
+    for compiled, expected in ((False, ['conv2former', 'recompute-off', 'triton-depthwise', 'convnext']),
+                               (True, ['conv2former', 'recompute-off', 'convnext'])):
+        models = tool['models_for'](Setting('train', 'bf16', 2, 64, compiled), arch, peer, 'auto', triton=True)
+        assert [key for key, _, _ in models] == expected
+    triton_model = dict((key, m) for key, _, m in models_for_eager(tool, arch, peer))['triton-depthwise']
+    assert triton_model.depthwise_impl == 'triton'
+    x = torch.randn(1, 3, 32, 32)
+    checks = [c for c in tool['check_gradients'](arch, x, triton=True) if 'triton' in c['check']]
+    assert len(checks) == 3 and all(c['passed'] and 'all parameters' in c['check'] for c in checks)
+
+
+def models_for_eager(tool, arch, peer):
+    return tool['models_for'](tool['Setting']('inference', 'bf16', 1, 32, False), arch, peer, 'auto', triton=True)
+
+
 def test_time_guard_skips_what_does_not_fit(tool, capsys):
     """With no time left, every setting is skipped with a note (the
     correctness block still runs: it comes first and is cheap)."""

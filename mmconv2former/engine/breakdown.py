@@ -45,6 +45,10 @@ def operator_kind(name: str, input_shapes: Sequence[Any]) -> Optional[str]:
     if name.startswith(('Optimizer.step', 'Optimizer.zero_grad')) or name.startswith(
             ('aten::_fused_adam', 'aten::_foreach_', 'aten::_amp_')):
         return OPTIMISER
+    if name.startswith('mmconv2former::depthwise_conv_nhwc'):  # the Triton operator (mmconv2former/ops)
+        weight = input_shapes[1] if len(input_shapes) > 1 else []
+        return f'depthwise conv {weight[-1]}x{weight[-1]} (Triton)' if len(weight) == 4 and \
+            not name.endswith('weight_grad') else 'depthwise conv (Triton)'
     if name in ('aten::convolution', 'aten::convolution_backward'):
         weight = input_shapes[1 if name == 'aten::convolution' else 2] if len(input_shapes) > 2 else []
         if len(weight) == 4 and weight[1] == 1 and weight[2] * weight[3] > 1:

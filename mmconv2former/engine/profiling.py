@@ -144,8 +144,12 @@ def build_convnext(arch: Union[str, dict], library: str = 'auto') -> Tuple[nn.Mo
 #: (``recompute=True``), as constructor arguments: they differ in training only.
 MEMORY_PEERS = {'recompute-off': dict(recompute=False), 'with-cp': dict(with_cp=True)}
 
+#: Conv2Former with another implementation of an operator, as constructor
+#: arguments: the Triton depthwise convolution (mmconv2former/ops).
+KERNEL_PEERS = {'triton-depthwise': dict(depthwise_impl='triton')}
+
 #: The keys of :func:`build_models`.
-VARIANTS = ('conv2former', *MEMORY_PEERS, 'deploy', 'convnext')
+VARIANTS = ('conv2former', *MEMORY_PEERS, *KERNEL_PEERS, 'deploy', 'convnext')
 
 
 def conv2former_name(arch: Union[str, dict]) -> str:
@@ -169,8 +173,8 @@ def build_models(keys: Sequence[str], arch: Union[str, dict], convnext_arch: Uni
 
     Args:
         keys: ``'conv2former'`` (Conv2Former-``arch``, labelled by
-            :func:`conv2former_name`), a key of :data:`MEMORY_PEERS` (it with
-            that memory policy, ``'<name> <key>'``), ``'deploy'`` (its
+            :func:`conv2former_name`), a key of :data:`MEMORY_PEERS` or
+            :data:`KERNEL_PEERS` (it with those arguments, ``'<name> <key>'``), ``'deploy'`` (its
             ``switch_to_deploy()`` form, in eval mode) or ``'convnext'``
             (:func:`build_convnext`).
         arch: the Conv2Former arch.
@@ -191,8 +195,9 @@ def build_models(keys: Sequence[str], arch: Union[str, dict], convnext_arch: Uni
             model, label = build_convnext(arch if convnext_arch is None else convnext_arch, library=convnext)
         elif key == 'deploy':
             model, label = build_conv2former(arch).eval().switch_to_deploy(), f'{name} switch_to_deploy()'
-        elif key in MEMORY_PEERS:
-            model, label = build_conv2former(arch, **MEMORY_PEERS[key]), f'{name} {key}'
+        elif key in MEMORY_PEERS or key in KERNEL_PEERS:
+            kwargs = MEMORY_PEERS[key] if key in MEMORY_PEERS else KERNEL_PEERS[key]
+            model, label = build_conv2former(arch, **kwargs), f'{name} {key}'
         else:
             model, label = build_conv2former(arch), name
         models.append((key, label, model))
@@ -211,6 +216,15 @@ def autocast(device: Union[str, torch.device], dtype: str) -> contextlib.Abstrac
 def mean_of_outputs(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """A backbone's stand-in loss: the sum of its feature maps' means, in fp32."""
     return sum(o.float().mean() for o in outputs)
+
+
+def mean_square_of_outputs(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A stand-in loss for comparing gradients: the sum of the feature maps'
+    mean squares. (The mean of a LayerNorm-ed map hardly depends on its input
+    while the norm's weight is uniform, as at initialisation, so
+    :func:`mean_of_outputs` gives gradients of rounding-noise size, which
+    two implementations of one operator do not round alike.)"""
+    return sum(o.float().square().mean() for o in outputs)
 
 
 class TrainStep:
@@ -272,14 +286,15 @@ def make_step(model: nn.Module, inputs: Any, training: bool, dtype: str = 'fp32'
 
 
 def gradients(model: nn.Module, x: torch.Tensor, dtype: str,
-              call: Optional[Callable[[torch.Tensor], Any]] = None) -> Dict[str, torch.Tensor]:
+              call: Optional[Callable[[torch.Tensor], Any]] = None,
+              loss_fn: Callable[[Any], torch.Tensor] = mean_of_outputs) -> Dict[str, torch.Tensor]:
     """fp32 copies of the gradients of ``model``'s parameters (those that get
-    one) from :func:`mean_of_outputs` of ``call(x)`` (default ``model``; e.g.
-    its ``torch.compile``-d wrapper) in training mode under autocast to
+    one) from ``loss_fn`` of ``call(x)`` (default ``model``; e.g. its
+    ``torch.compile``-d wrapper) in training mode under autocast to
     ``dtype``."""
     model.train().zero_grad(set_to_none=True)
     with autocast(x.device, dtype):
-        loss = mean_of_outputs((model if call is None else call)(x))
+        loss = loss_fn((model if call is None else call)(x))
     # Scaled as a GradScaler would, so that fp16 gradients stay normal numbers.
     (loss * 1024).backward()
     return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}

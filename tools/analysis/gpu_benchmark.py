@@ -10,19 +10,26 @@ wheels on a connected machine; ``docs/gpu_benchmark.md`` gives the steps.
 
 What it runs, in this order, printing each result as it comes:
 
-1. Correctness: gradients of ``recompute=True`` and ``with_cp=True`` against
+1. Correctness: gradients of ``recompute=True``, ``with_cp=True`` and
+   ``depthwise_impl='triton'`` (where its kernels run) against
    ``recompute=False``'s under fp32, bf16 and fp16 autocast; every block's
    output a contiguous ``(B, H, W, C)`` tensor and every feature map a
    contiguous ``(B, C, H, W)`` one; a few fp16 training steps with a
    GradScaler without a NaN.
-2. Speed and memory, every case on channels-last input: training steps
+2. Where the time goes: one profiled step of each model (bf16 training at
+   both shapes, bf16 inference at 224), its device time split by operator
+   kind and pass (``mmconv2former/engine/breakdown.py``), and the longest
+   kernels.
+3. Speed and memory, every case on channels-last input: training steps
    (forward, backward, AdamW; fp16 with a GradScaler as mmengine's
    ``AmpOptimWrapper`` does) of Conv2Former-T with ``recompute`` on and off
    and of ConvNeXt-T, bf16 and fp16 autocast, batch 64 at 224x224 and batch 4
    at 1024x1024; inference (bf16 autocast) of Conv2Former-T, its
    ``switch_to_deploy()`` form and ConvNeXt-T, batch 64 at 224x224 and batch 1
-   at 1024x1024; all eager, then all with ``torch.compile``. The models of one
-   setting are timed interleaved (``mmconv2former.engine.profiling``).
+   at 1024x1024; all eager, then all with ``torch.compile``. In eager
+   settings, Conv2Former-T with ``depthwise_impl='triton'`` too, where its
+   kernels run. The models of one setting are timed interleaved
+   (``mmconv2former.engine.profiling``).
 
 A time guard keeps the whole run within ``--budget`` seconds: a setting whose
 estimated cost (compilation included) would overrun it is skipped with a note,
@@ -45,10 +52,11 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from mmconv2former.engine.profiling import (Case, TrainStep, autocast, build_conv2former,  # noqa: E402
                                             build_models, convnext_label, describe, gradients, machine,
-                                            make_step, paired_ratio, peak_memory, summarise, synchronize,
-                                            time_interleaved)
+                                            make_step, mean_square_of_outputs, paired_ratio, peak_memory,
+                                            summarise, synchronize, time_interleaved)
 from mmconv2former.engine.breakdown import step_breakdown  # noqa: E402
 from mmconv2former.models import Conv2FormerBlock  # noqa: E402
+from mmconv2former.ops import depthwise_conv  # noqa: E402
 
 #: ``--tiny``: one block per stage, a kernel above 3x3 (and a ConvNeXt of the
 #: same widths and depths); small enough to compile in seconds.
@@ -59,6 +67,12 @@ TINY_ARCH = dict(channels=[16, 32, 48, 64], depths=[1, 1, 1, 1], kernel_size=5)
 #: the same inputs, so the gradients agree to rounding; a wrong or missing
 #: gradient term shows as an error of order 1.
 GRAD_TOLERANCE = {'fp32': 1e-4, 'bf16': 1e-2, 'fp16': 1e-2}
+#: For the Triton depthwise operator against cuDNN (TF32 off), ``|g - g_ref| /
+#: |g_ref|`` over all parameters' gradients as one vector: other kernels sum in
+#: another order, which shows, relatively, in parameters whose gradients are
+#: small at initialisation, and under autocast their bf16/fp16 outputs round
+#: differently. A wrong term is still of order 1.
+TRITON_TOLERANCE = {'fp32': 1e-4, 'bf16': 3e-2, 'fp16': 3e-2}
 
 
 @dataclass
@@ -94,10 +108,14 @@ def settings(tiny: bool, quick: bool, with_compile: bool) -> List[Setting]:
 
 # ---------------------------------------------------------------------------- models
 def models_for(setting: Setting, arch: Union[str, dict], convnext_arch: Union[str, dict],
-               convnext: str) -> List[Tuple[str, str, nn.Module]]:
-    """``(key, label, model)`` of one setting (:func:`build_models`); the ConvNeXt last."""
-    keys = ['conv2former', 'recompute-off' if setting.mode == 'train' else 'deploy', 'convnext']
-    return build_models(keys, arch, convnext_arch, convnext)
+               convnext: str, triton: bool = False) -> List[Tuple[str, str, nn.Module]]:
+    """``(key, label, model)`` of one setting (:func:`build_models`); the
+    ConvNeXt last. ``triton``: also Conv2Former with the Triton depthwise
+    operator, in eager settings (it is one operator; compiled graphs call it
+    as they call cuDNN's)."""
+    keys = ['conv2former', 'recompute-off' if setting.mode == 'train' else 'deploy']
+    keys += ['triton-depthwise'] if triton and not setting.compiled else []
+    return build_models(keys + ['convnext'], arch, convnext_arch, convnext)
 
 
 def on_device(model: nn.Module, device: str, compiled: bool, backend: str) -> nn.Module:
@@ -106,11 +124,12 @@ def on_device(model: nn.Module, device: str, compiled: bool, backend: str) -> nn
 
 
 # ---------------------------------------------------------------------------- correctness
-def check_gradients(arch: Union[str, dict], x: torch.Tensor) -> List[Dict[str, Any]]:
-    """Gradients of every memory policy against ``recompute=False``'s, under
-    each autocast dtype. Layer scales are set to 1 so that every branch of
-    every block counts in the gradient (at their 1e-6 init a wrong branch
-    would hardly show)."""
+def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = False) -> List[Dict[str, Any]]:
+    """Gradients of every memory policy (and, with ``triton``, of the Triton
+    depthwise operator) against ``recompute=False``'s, under each autocast
+    dtype. Layer scales are set to 1 so that every branch of every block
+    counts in the gradient (at their 1e-6 init a wrong branch would hardly
+    show)."""
     device = x.device
     reference = build_conv2former(arch, recompute=False).to(device)
     with torch.no_grad():
@@ -118,21 +137,29 @@ def check_gradients(arch: Union[str, dict], x: torch.Tensor) -> List[Dict[str, A
             if 'layer_scale' in name:
                 p.fill_(1.0)
     models = {}
-    for label, kwargs in (('recompute=True', dict(recompute=True)), ('with_cp=True', dict(with_cp=True))):
+    variants = [('recompute=True', dict(recompute=True)), ('with_cp=True', dict(with_cp=True))]
+    variants += [("depthwise_impl='triton'", dict(depthwise_impl='triton'))] if triton else []
+    for label, kwargs in variants:
         models[label] = build_conv2former(arch, **kwargs).to(device)
         models[label].load_state_dict(reference.state_dict())
     results = []
     for dtype in ('fp32', 'bf16', 'fp16'):
-        expected = gradients(reference, x, dtype)
+        expected = gradients(reference, x, dtype, loss_fn=mean_square_of_outputs)
         for label, model in models.items():
-            got = gradients(model, x, dtype)
+            got = gradients(model, x, dtype, loss_fn=mean_square_of_outputs)
             finite = all(torch.isfinite(g).all() for g in got.values())
-            error = max(((got[n] - g).norm() / g.norm().clamp_min(1e-30)).item()
-                        for n, g in expected.items() if n in got)
             missing = sorted(set(expected) - set(got))
-            results.append(dict(check=f'gradients {label} vs recompute=False, {dtype}', value=error,
-                                limit=GRAD_TOLERANCE[dtype],
-                                passed=finite and not missing and error <= GRAD_TOLERANCE[dtype]))
+            names = [n for n in expected if n in got]
+            if 'triton' in label:  # other kernels: all gradients as one vector
+                error = (torch.cat([(got[n] - expected[n]).flatten() for n in names]).norm()
+                         / torch.cat([expected[n].flatten() for n in names]).norm()).item()
+                limit, what = TRITON_TOLERANCE[dtype], 'all parameters'
+            else:  # the same kernels: every parameter tensor on its own
+                error = max(((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-30)).item()
+                            for n in names)
+                limit, what = GRAD_TOLERANCE[dtype], 'worst parameter'
+            results.append(dict(check=f'gradients {label} vs recompute=False, {dtype} ({what})', value=error,
+                                limit=limit, passed=finite and not missing and error <= limit))
     return results
 
 
@@ -178,15 +205,18 @@ def check_fp16(arch: Union[str, dict], x: torch.Tensor, steps: int = 6) -> Dict[
                 passed=finite and skipped < steps // 2)
 
 
-def correctness(arch: Union[str, dict], batch: int, side: int, device: str) -> List[Dict[str, Any]]:
+def correctness(arch: Union[str, dict], batch: int, side: int, device: str, triton: bool = False
+                ) -> List[Dict[str, Any]]:
     x = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    # Deterministic kernels, so that the gradients differ by the policy only.
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32
+    # Deterministic kernels, so that the gradients differ by the policy only;
+    # fp32 convolutions in fp32, so that the Triton operator meets cuDNN's numbers.
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = True, False, False
     try:
-        results = check_gradients(arch, x) + check_layouts(arch, x)
+        results = check_gradients(arch, x, triton) + check_layouts(arch, x)
     finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = saved
     return results + [check_fp16(arch, x)]
 
 
@@ -211,7 +241,7 @@ def run_breakdowns(args: argparse.Namespace, limit: float) -> List[Dict[str, Any
         x = torch.randn(setting.batch, 3, setting.side, setting.side, device=args.device)
         x = x.contiguous(memory_format=torch.channels_last)
         models = []
-        for key, label, model in models_for(setting, args.arch, args.convnext_arch, args.convnext):
+        for key, label, model in models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton):
             step = make_step(on_device(model, args.device, False, args.backend), x, setting.mode == 'train',
                              setting.dtype)
             for _ in range(2):
@@ -276,10 +306,10 @@ class Guard:
 def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard) -> Tuple[List[dict], Optional[str]]:
     """Rows of one setting, or a note why it was skipped."""
     steps = args.warmup + args.repeats + 1
-    estimate = guard.estimate(setting, 3, steps)
+    estimate = guard.estimate(setting, 4 if args.triton and not setting.compiled else 3, steps)
     if estimate > guard.left():
         return [], f'skipped: needs about {estimate:.0f} s, {max(guard.left(), 0):.0f} s of the budget left'
-    models = models_for(setting, args.arch, args.convnext_arch, args.convnext)
+    models = models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton)
     x = torch.randn(setting.batch, 3, setting.side, setting.side, device=args.device)
     x = x.contiguous(memory_format=torch.channels_last)
     cases, first_step = [], {}
@@ -336,6 +366,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              '--backend is given)')
     parser.add_argument('--quick', action='store_true', help='compiled settings: bf16 at 224 only')
     parser.add_argument('--no-compile', action='store_true', help='eager settings only')
+    parser.add_argument('--no-triton', action='store_true',
+                        help="leave out Conv2Former-T with depthwise_impl='triton' (included where its "
+                             'kernels run: CUDA with Triton, or TRITON_INTERPRET=1)')
     parser.add_argument('--no-profile', action='store_true',
                         help='skip the profiled steps (where the time goes, by operator kind and kernel)')
     parser.add_argument('--backend', help='torch.compile backend (default inductor; aot_eager with --tiny)')
@@ -356,6 +389,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.repeats = args.repeats or (3 if args.tiny else 10)
     args.warmup = args.warmup or (1 if args.tiny else 3)
     args.backend = args.backend or ('aot_eager' if args.tiny else 'inductor')
+    args.triton = not args.no_triton and depthwise_conv.runs_here(torch.empty(0, device=args.device))
     if args.warmup < 1 or args.repeats < 1:
         parser.error('--warmup and --repeats must be at least 1')
     return args
@@ -378,10 +412,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f'# peer: {peer_label}; Conv2Former {"tiny " + str(TINY_ARCH) if args.tiny else "T"}; '
           f'channels-last input; {args.repeats} timed steps after {args.warmup} warm-up; '
           f'compile backend {args.backend}; budget {args.budget:.0f} s', flush=True)
+    triton_version = getattr(depthwise_conv.triton, '__version__', None)
+    print(f"# depthwise_impl='triton': {'timed in eager settings' if args.triton else 'left out'} "
+          f'(Triton {triton_version}; kernel blocks {depthwise_conv.FORWARD_CONFIG}, '
+          f'{depthwise_conv.WEIGHT_GRAD_CONFIG})', flush=True)
+    result['triton'] = dict(included=args.triton, version=triton_version)
 
     side = 64 if args.tiny else 224
-    print('# correctness (gradients: max over parameters of |g - g_ref| / |g_ref|)', flush=True)
-    for check in correctness(args.arch, 2, side, args.device):
+    print('# correctness (gradients: |g - g_ref| / |g_ref| of the worst parameter tensor, or of all '
+          'parameters as one vector)', flush=True)
+    for check in correctness(args.arch, 2, side, args.device, args.triton):
         result['correctness'].append(check)
         value = f'{check["value"]:.2e} (limit {check["limit"]:g})' if 'limit' in check else check['value']
         print(f'  [{"ok" if check["passed"] else "FAILED"}] {check["check"]}: {value}', flush=True)
