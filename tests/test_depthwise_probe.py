@@ -5,6 +5,7 @@ when the kernels are defined), and the probe's timing code at tiny shapes."""
 import json
 import os
 import os.path as osp
+import runpy
 import subprocess
 import sys
 
@@ -55,6 +56,23 @@ print(right, wrong)
     assert done.returncode == 0, done.stderr
     right, wrong = map(float, done.stdout.split())
     assert right < 1e-6 and wrong > 0.1
+
+
+def test_every_kernel_variant_compiles_for_hopper_without_spilling(tmp_path):
+    """What the interpreter cannot show: the kernels go through Triton's real
+    compiler down to sm_90 machine code (H100/H200), every block shape the
+    probe times, and none spills registers to local memory."""
+    import triton
+    if not osp.exists(osp.join(osp.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')):
+        pytest.skip("this Triton ships no CUDA tools (ptxas, cuobjdump)")
+    path = str(tmp_path / 'resources.json')
+    done = run_python([PROBE, '--resources', '--json', path], interpret=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    kernels = json.load(open(path))['kernels']
+    probe = runpy.run_path(PROBE)
+    assert len(kernels) == 3 * (len(probe['FORWARD_CONFIGS']) + len(probe['WGRAD_CONFIGS']))  # K = 3, 7, 11
+    assert {k['K'] for k in kernels} == {3, 7, 11}
+    assert all(0 < k['registers'] <= 255 and k['local_bytes'] == 0 for k in kernels)
 
 
 def test_cpu_needs_the_interpreter():

@@ -4,6 +4,7 @@ the GPU, in every implementation at hand.
 
     python tools/dev/depthwise_conv_probe.py --json dw.json              # on a CUDA GPU
     TRITON_INTERPRET=1 python tools/dev/depthwise_conv_probe.py --device cpu   # correctness only
+    python tools/dev/depthwise_conv_probe.py --resources   # no GPU: compile for sm_90, registers, spills
 
 Why: the depthwise convolutions are the one part of the block that is
 neither a matrix product nor elementwise work that ``torch.compile`` fuses.
@@ -130,6 +131,53 @@ def check_triton(device: str, dtype: torch.dtype, shapes: Sequence[Tuple[int, in
     return results
 
 
+# ---------------------------------------------------------------------------- offline
+def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
+    """Compile every kernel variant the probe times for an H100/H200 (sm_90)
+    without a GPU, with the ptxas and cuobjdump that Triton ships, and read
+    each one's registers, local memory (spills) and shared memory: the
+    compiler's report, which costs no GPU time. Needs a Triton that is not
+    interpreting."""
+    import subprocess
+    import tempfile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    cuobjdump = osp.join(osp.dirname(dw.triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
+    data = '*' + {'bf16': 'bf16', 'fp16': 'fp16', 'fp32': 'fp32'}[dtype]
+    shapes = dict(H='i32', W='i32', C='i32')
+    variants = []
+    for k in sorted({k for _, k, _ in LAYERS}):
+        for bw, bc, warps in FORWARD_CONFIGS:
+            sig = dict(x_ptr=data, w_ptr=data, b_ptr=data, y_ptr=data, **shapes, K='constexpr',
+                       HAS_BIAS='constexpr', BLOCK_W='constexpr', BLOCK_C='constexpr')
+            variants.append((dw._forward_kernel, sig, dict(K=k, HAS_BIAS=True, BLOCK_W=bw, BLOCK_C=bc), warps))
+        for bw, bc, warps in WGRAD_CONFIGS:
+            sig = dict(x_ptr=data, dy_ptr=data, dw_ptr='*fp32', **shapes, ROWS='i32', ROWS_PER_PROGRAM='i32',
+                       K='constexpr', K_PAD='constexpr', BLOCK_W='constexpr', BLOCK_C='constexpr')
+            variants.append((dw._weight_grad_kernel, sig,
+                             dict(K=k, K_PAD=triton_next_power_of_2(k), BLOCK_W=bw, BLOCK_C=bc), warps))
+    results = []
+    for fn, sig, constants, warps in variants:
+        compiled = dw.triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants),
+                                     target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps))
+        with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
+            f.write(compiled.asm['cubin'])
+            f.flush()
+            usage = subprocess.run([cuobjdump, '-res-usage', f.name], capture_output=True, text=True,
+                                   check=True).stdout
+        fields = dict(item.split(':') for item in usage.split('Function', 1)[1].split(':', 1)[1].split()
+                      if item.count(':') == 1)
+        results.append(dict(kernel=fn.__name__.strip('_'), K=constants['K'], block_w=constants['BLOCK_W'],
+                            block_c=constants['BLOCK_C'], warps=warps, registers=int(fields['REG']),
+                            local_bytes=int(fields['LOCAL']), stack_bytes=int(fields['STACK']),
+                            shared_bytes=int(fields['SHARED'])))
+    return results
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 # ---------------------------------------------------------------------------- timing
 def time_ms(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
     """Median milliseconds of ``fn()`` (CUDA events on a GPU), after warm-up."""
@@ -230,8 +278,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         '--device cpu: checks that the timing code runs)')
     parser.add_argument('--dtype', choices=['bf16', 'fp32'], default='bf16')
     parser.add_argument('--budget', type=float, default=120, help='seconds for the timings (default 120)')
+    parser.add_argument('--resources', action='store_true',
+                        help='no GPU needed: compile every Triton kernel variant for sm_90 (H100/H200) and '
+                             'print its registers, spills (local memory) and shared memory, then stop')
     parser.add_argument('--json', metavar='PATH', help='also write the results to this JSON file')
     args = parser.parse_args(argv)
+    if args.resources:
+        if not dw.AVAILABLE or dw.INTERPRETED:
+            parser.error('--resources needs Triton (and torch >= 2.4), without TRITON_INTERPRET=1')
+        rows = hopper_resources(args.dtype)
+        for r in rows:
+            print(f'{r["kernel"]:<20} K={r["K"]:<3} block {r["block_w"]:>2} x {r["block_c"]:<3} '
+                  f'{r["warps"]} warps: {r["registers"]:3d} registers, {r["local_bytes"]} B local (spills), '
+                  f'{r["shared_bytes"]} B shared', flush=True)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(dict(triton=dw.triton.__version__, dtype=args.dtype, target='sm_90', kernels=rows), f,
+                          indent=1)
+        return dict(failed=0, kernels=rows)
     cpu = args.device == 'cpu'
     if cpu and not dw.INTERPRETED and dw.AVAILABLE:
         parser.error('on a CPU the Triton kernels run under the interpreter: set TRITON_INTERPRET=1')
