@@ -36,6 +36,16 @@ def test_only_the_blocks_depthwise_convolutions_switch():
     assert "depthwise_impl='triton'" in repr(model.stages[0][0].mlp.pos)
 
 
+def test_a_missing_triton_is_logged_not_fatal(monkeypatch):
+    import mmconv2former.models.conv2former as c2f
+    logged = []
+    monkeypatch.setattr(c2f, 'TRITON_AVAILABLE', False)
+    monkeypatch.setattr(c2f, 'print_log', lambda msg, **kwargs: logged.append(msg))
+    model = Conv2Former(TINY, depthwise_impl='triton')
+    assert len(logged) == 1 and "PyTorch's convolution serves instead" in logged[0]
+    assert model(torch.randn(1, 3, 32, 32))[0].shape == (1, 16, 8, 8)
+
+
 @pytest.mark.skipif(dw.INTERPRETED, reason='the interpreter runs the kernels on CPU tensors')
 def test_cpu_tensors_fall_back_to_pytorch_exactly():
     """Where the kernels do not run (a CPU without the interpreter), the

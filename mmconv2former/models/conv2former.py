@@ -25,6 +25,7 @@ from mmengine.model.weight_init import trunc_normal_
 
 from ..checkpoint import (arch_name, check_shapes, extract_state_dict, infer_arch,
                           safe_load, split_keys)
+from ..ops.depthwise_conv import AVAILABLE as TRITON_AVAILABLE
 from ..ops.depthwise_conv import DEPTHWISE_OP
 from ..registry import register_model
 from .layers import ConvNHWC, DropPath
@@ -303,6 +304,9 @@ class Conv2Former(BaseModule):
         self.recompute = recompute
         if depthwise_impl not in ('torch', 'triton'):
             raise ValueError(f"depthwise_impl must be 'torch' or 'triton', got {depthwise_impl!r}")
+        if depthwise_impl == 'triton' and not TRITON_AVAILABLE:
+            print_log("Conv2Former: depthwise_impl='triton' needs Triton and torch >= 2.4; "
+                      "PyTorch's convolution serves instead", logger='current', level=30)
         self.depthwise_impl = depthwise_impl
         self.deployed = False
 

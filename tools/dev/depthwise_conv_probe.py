@@ -55,9 +55,9 @@ LAYERS = [
 SHAPES = [(64, 224), (4, 1024)]
 #: ``--tiny``: the code paths at shapes the interpreter runs in seconds.
 TINY_LAYERS, TINY_SHAPES = [('tiny', 3, [(8, 1)]), ('tiny', 5, [(40, 2), (24, 1)])], [(1, 36)]
-#: (BLOCK_W, BLOCK_C, num_warps) tried for each Triton kernel; the fastest counts.
-FORWARD_CONFIGS = [(16, 32, 4), (32, 32, 4), (16, 64, 4), (8, 64, 2)]
-WGRAD_CONFIGS = [(8, 32, 4), (16, 32, 4), (8, 64, 4)]
+#: (BLOCK_W, BLOCK_C, num_warps) tried for each Triton kernel, the package's default first; the fastest counts.
+FORWARD_CONFIGS = [dw.FORWARD_CONFIG, (32, 32, 4), (16, 64, 4), (8, 64, 2)]
+WGRAD_CONFIGS = [dw.WEIGHT_GRAD_CONFIG, (16, 32, 4), (8, 64, 4)]
 
 
 # ---------------------------------------------------------------------------- Triton candidate
@@ -155,7 +155,7 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
             sig = dict(x_ptr=data, dy_ptr=data, dw_ptr='*fp32', **shapes, ROWS='i32', ROWS_PER_PROGRAM='i32',
                        K='constexpr', K_PAD='constexpr', BLOCK_W='constexpr', BLOCK_C='constexpr')
             variants.append((dw._weight_grad_kernel, sig,
-                             dict(K=k, K_PAD=triton_next_power_of_2(k), BLOCK_W=bw, BLOCK_C=bc), warps))
+                             dict(K=k, K_PAD=dw.triton.next_power_of_2(k), BLOCK_W=bw, BLOCK_C=bc), warps))
     results = []
     for fn, sig, constants, warps in variants:
         compiled = dw.triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants),
@@ -172,10 +172,6 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
                             local_bytes=int(fields['LOCAL']), stack_bytes=int(fields['STACK']),
                             shared_bytes=int(fields['SHARED'])))
     return results
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 # ---------------------------------------------------------------------------- timing
