@@ -26,14 +26,17 @@ def run_python(args, interpret: bool = True, **kwargs) -> subprocess.CompletedPr
 
 
 def test_triton_kernels_match_fp64_under_the_interpreter(tmp_path):
-    """Forward, input gradient (the flipped-kernel trick) and weight gradient
-    (split over rows, atomically summed), fp32 and bf16 data, channel counts
-    and widths that are not multiples of the blocks."""
+    """Forward (one output row per program, and several), input gradient (the
+    flipped-kernel trick) and weight gradient (split over rows, atomically
+    summed), fp32 and bf16 data, heights, widths and channel counts that are
+    not multiples of the blocks."""
     path = str(tmp_path / 'checks.json')
     done = run_python([PROBE, '--device', 'cpu', '--json', path])
     assert done.returncode == 0, done.stdout + done.stderr
     checks = json.load(open(path))['checks']
-    assert len(checks) == 12 and all(c['passed'] for c in checks)
+    # 2 shapes x 2 dtypes x (forward and input grad in two block shapes, one of several rows; weight grad)
+    assert len(checks) == 20 and all(c['passed'] for c in checks)
+    assert {tuple(c['config'])[0] for c in checks if c['direction'] == 'forward'} == {1, 4}
     assert {c['direction'] for c in checks} == {'forward', 'input grad', 'weight grad'}
     assert max(c['error'] for c in checks if c['dtype'] == 'torch.float32') < 1e-6
     assert '[FAILED]' not in done.stdout

@@ -18,8 +18,9 @@ times all three per layer shape.
 
 The kernels compute in fp32 from bf16, fp16 or fp32 data:
 
-* forward: each program sums the K x K window for one output row segment and
-  a block of channels;
+* forward: each program sums the K x K windows of a block of output rows,
+  pixels and channels, each input row segment loaded once per kernel column
+  for all the output rows it serves;
 * input gradient: for an odd kernel with "same" padding, dL/dx is dL/dy
   convolved with the kernel turned by 180 degrees, so the forward kernel
   serves;
@@ -46,9 +47,10 @@ try:
 except Exception:  # ImportError, or a Triton that cannot load here: PyTorch serves
     triton = None
 
-#: ``(BLOCK_W, BLOCK_C, num_warps)`` of the forward (and input-gradient) kernel
-#: and of the weight-gradient kernel; the probe times alternatives.
-FORWARD_CONFIG: Tuple[int, int, int] = (16, 32, 4)
+#: ``(BLOCK_H, BLOCK_W, BLOCK_C, num_warps)`` of the forward (and input-gradient)
+#: kernel and ``(BLOCK_W, BLOCK_C, num_warps)`` of the weight-gradient kernel;
+#: the probe times alternatives.
+FORWARD_CONFIG: Tuple[int, int, int, int] = (1, 16, 32, 4)
 WEIGHT_GRAD_CONFIG: Tuple[int, int, int] = (8, 32, 4)
 #: Index arithmetic is 32-bit: larger tensors go to PyTorch.
 MAX_ELEMENTS = 2 ** 31 - 1
@@ -60,29 +62,39 @@ AVAILABLE = triton is not None and hasattr(torch.library, 'custom_op')
 if triton is not None:
     @triton.jit
     def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        # y[n, h, w0:w0+BW, c0:c0+BC]; x and y (B, H, W, C) contiguous, w (K*K, C).
-        row = tl.program_id(0)  # n * H + h
-        n = row // H
-        h = row % H
+                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # y[n, h0:h0+BH, w0:w0+BW, c0:c0+BC]; x and y (B, H, W, C) contiguous, w (K*K, C).
+        # Each input row segment is loaded once per kw and serves the BLOCK_H
+        # output rows whose windows hold it (BLOCK_H = 1: one row, every load
+        # used once per tap; larger: fewer loads, some multiply-adds by zero).
+        pid = tl.program_id(0)  # n * cdiv(H, BLOCK_H) + row block
+        row_blocks = tl.cdiv(H, BLOCK_H)
+        n = pid // row_blocks
+        h0 = (pid % row_blocks) * BLOCK_H
+        rows = tl.arange(0, BLOCK_H)
         w_offs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         c_offs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = c_offs < C
-        acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        for kh in range(K):
-            ih = h + kh - K // 2
+        acc = tl.zeros((BLOCK_H, BLOCK_W, BLOCK_C), dtype=tl.float32)
+        for i in range(BLOCK_H + K - 1):
+            ih = h0 + i - K // 2
             row_ok = (ih >= 0) & (ih < H)
             x_row = x_ptr + (n * H + ih) * W * C
+            kh = i - rows  # the kernel row at which input row ih meets output row h0 + r
+            kh_ok = (kh >= 0) & (kh < K)
             for kw in tl.static_range(K):
                 iw = w_offs + kw - K // 2
                 mask = row_ok & ((iw >= 0) & (iw < W))[:, None] & c_mask[None, :]
                 xv = tl.load(x_row + iw[:, None] * C + c_offs[None, :], mask=mask, other=0.0)
-                wv = tl.load(w_ptr + (kh * K + kw) * C + c_offs, mask=c_mask, other=0.0)
-                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+                wv = tl.load(w_ptr + (kh * K + kw)[:, None] * C + c_offs[None, :],
+                             mask=kh_ok[:, None] & c_mask[None, :], other=0.0)
+                acc += xv.to(tl.float32)[None, :, :] * wv.to(tl.float32)[:, None, :]
         if HAS_BIAS:
-            acc += tl.load(b_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-        out = y_ptr + row * W * C + w_offs[:, None] * C + c_offs[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(w_offs < W)[:, None] & c_mask[None, :])
+            acc += tl.load(b_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)[None, None, :]
+        oh = h0 + rows
+        out = y_ptr + ((n * H + oh) * W * C)[:, None, None] + (w_offs * C)[None, :, None] + c_offs[None, None, :]
+        mask = (oh < H)[:, None, None] & (w_offs < W)[None, :, None] & c_mask[None, None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, H, W, C, ROWS, ROWS_PER_PROGRAM, K: tl.constexpr,
@@ -120,12 +132,12 @@ def forward_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     ``(C, 1, K, K)``, ``bias`` ``(C,)`` or None; returns ``(B, H, W, C)``."""
     n, h, w, c = x.shape
     k = weight.shape[-1]
-    block_w, block_c, warps = config
+    block_h, block_w, block_c, warps = config
     taps = weight.reshape(c, k * k).t().contiguous()  # (K*K, C): one tap's channels side by side
     y = torch.empty_like(x)
-    grid = (n * h, triton.cdiv(w, block_w), triton.cdiv(c, block_c))
+    grid = (n * triton.cdiv(h, block_h), triton.cdiv(w, block_w), triton.cdiv(c, block_c))
     _forward_kernel[grid](x, taps, taps if bias is None else bias, y, h, w, c, K=k, HAS_BIAS=bias is not None,
-                          BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+                          BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
     return y
 
 

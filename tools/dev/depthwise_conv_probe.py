@@ -55,8 +55,9 @@ LAYERS = [
 SHAPES = [(64, 224), (4, 1024)]
 #: ``--tiny``: the code paths at shapes the interpreter runs in seconds.
 TINY_LAYERS, TINY_SHAPES = [('tiny', 3, [(8, 1)]), ('tiny', 5, [(40, 2), (24, 1)])], [(1, 36)]
-#: (BLOCK_W, BLOCK_C, num_warps) tried for each Triton kernel, the package's default first; the fastest counts.
-FORWARD_CONFIGS = [dw.FORWARD_CONFIG, (32, 32, 4), (16, 64, 4), (8, 64, 2)]
+#: Block shapes tried for each Triton kernel, the package's default first; the
+#: fastest counts. Forward: (BLOCK_H, BLOCK_W, BLOCK_C, num_warps).
+FORWARD_CONFIGS = [dw.FORWARD_CONFIG, (1, 32, 32, 4), (1, 16, 64, 4), (4, 16, 32, 4), (4, 8, 64, 4)]
 WGRAD_CONFIGS = [dw.WEIGHT_GRAD_CONFIG, (16, 32, 4), (8, 64, 4)]
 
 
@@ -115,7 +116,10 @@ def check_triton(device: str, dtype: torch.dtype, shapes: Sequence[Tuple[int, in
         weight = torch.randn(c, 1, k, k, device=device, dtype=dtype)
         dy = torch.randn_like(x)
         want = reference(x, weight, dy)
-        for config in FORWARD_CONFIGS[:1 if device == 'cpu' else None]:
+        # Under the interpreter: the default and the first multi-row block shape.
+        configs = FORWARD_CONFIGS if device != 'cpu' else \
+            [c for i, c in enumerate(FORWARD_CONFIGS) if i == 0 or c[0] > 1][:2]
+        for config in configs:
             for name, got in (('forward', triton_forward(x, weight, config)),
                               ('input grad', triton_input_grad(dy, weight, config))):
                 results.append(dict(shape=(n, c, h, w, k), direction=name, config=config,
@@ -147,10 +151,11 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
     shapes = dict(H='i32', W='i32', C='i32')
     variants = []
     for k in sorted({k for _, k, _ in LAYERS}):
-        for bw, bc, warps in FORWARD_CONFIGS:
+        for bh, bw, bc, warps in FORWARD_CONFIGS:
             sig = dict(x_ptr=data, w_ptr=data, b_ptr=data, y_ptr=data, **shapes, K='constexpr',
-                       HAS_BIAS='constexpr', BLOCK_W='constexpr', BLOCK_C='constexpr')
-            variants.append((dw._forward_kernel, sig, dict(K=k, HAS_BIAS=True, BLOCK_W=bw, BLOCK_C=bc), warps))
+                       HAS_BIAS='constexpr', BLOCK_H='constexpr', BLOCK_W='constexpr', BLOCK_C='constexpr')
+            variants.append((dw._forward_kernel, sig,
+                             dict(K=k, HAS_BIAS=True, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc), warps))
         for bw, bc, warps in WGRAD_CONFIGS:
             sig = dict(x_ptr=data, dy_ptr=data, dw_ptr='*fp32', **shapes, ROWS='i32', ROWS_PER_PROGRAM='i32',
                        K='constexpr', K_PAD='constexpr', BLOCK_W='constexpr', BLOCK_C='constexpr')
@@ -167,7 +172,8 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
                                    check=True).stdout
         fields = dict(item.split(':') for item in usage.split('Function', 1)[1].split(':', 1)[1].split()
                       if item.count(':') == 1)
-        results.append(dict(kernel=fn.__name__.strip('_'), K=constants['K'], block_w=constants['BLOCK_W'],
+        results.append(dict(kernel=fn.__name__.strip('_'), K=constants['K'], block_h=constants.get('BLOCK_H', 1),
+                            block_w=constants['BLOCK_W'],
                             block_c=constants['BLOCK_C'], warps=warps, registers=int(fields['REG']),
                             local_bytes=int(fields['LOCAL']), stack_bytes=int(fields['STACK']),
                             shared_bytes=int(fields['SHARED'])))
@@ -284,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             parser.error('--resources needs Triton (and torch >= 2.4), without TRITON_INTERPRET=1')
         rows = hopper_resources(args.dtype)
         for r in rows:
-            print(f'{r["kernel"]:<20} K={r["K"]:<3} block {r["block_w"]:>2} x {r["block_c"]:<3} '
+            print(f'{r["kernel"]:<20} K={r["K"]:<3} block {r["block_h"]} x {r["block_w"]:>2} x {r["block_c"]:<3} '
                   f'{r["warps"]} warps: {r["registers"]:3d} registers, {r["local_bytes"]} B local (spills), '
                   f'{r["shared_bytes"]} B shared', flush=True)
         if args.json:
