@@ -137,19 +137,16 @@ def test_triton_variant_joins_the_eager_settings_and_the_gradient_checks(tool):
     needs_convnext()
     arch, peer = tool['TINY_ARCH'], {k: tool['TINY_ARCH'][k] for k in ('channels', 'depths')}
     Setting = tool['Setting']
+    built = {}
     for compiled, expected in ((False, ['conv2former', 'recompute-off', 'triton-depthwise', 'convnext']),
                                (True, ['conv2former', 'recompute-off', 'convnext'])):
         models = tool['models_for'](Setting('train', 'bf16', 2, 64, compiled), arch, peer, 'auto', triton=True)
         assert [key for key, _, _ in models] == expected
-    triton_model = dict((key, m) for key, _, m in models_for_eager(tool, arch, peer))['triton-depthwise']
-    assert triton_model.depthwise_impl == 'triton'
+        built[compiled] = {key: model for key, _, model in models}
+    assert built[False]['triton-depthwise'].depthwise_impl == 'triton'
     x = torch.randn(1, 3, 32, 32)
     checks = [c for c in tool['check_gradients'](arch, x, triton=True) if 'triton' in c['check']]
     assert len(checks) == 3 and all(c['passed'] and 'all parameters' in c['check'] for c in checks)
-
-
-def models_for_eager(tool, arch, peer):
-    return tool['models_for'](tool['Setting']('inference', 'bf16', 1, 32, False), arch, peer, 'auto', triton=True)
 
 
 def test_time_guard_skips_what_does_not_fit(tool, capsys):

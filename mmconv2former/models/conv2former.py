@@ -45,7 +45,8 @@ class ConvModulation(nn.Module):
         self.att = nn.Sequential(
             ConvNHWC(dim, dim, 1),
             nn.GELU(),
-            ConvNHWC(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, depthwise_impl=depthwise_impl),
+            ConvNHWC(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim,
+                     depthwise_impl=depthwise_impl),
         )
         self.v = ConvNHWC(dim, dim, 1)
         self.proj = ConvNHWC(dim, dim, 1)
