@@ -27,11 +27,12 @@ def nhwc(*shape, **kwargs) -> torch.Tensor:
     return torch.randn(*shape, **kwargs)
 
 
-@pytest.mark.parametrize('k,bias,shape', [(5, True, (2, 7, 9, 40)), (3, False, (1, 5, 4, 24)),
+@pytest.mark.parametrize('k,bias,shape', [(5, True, (2, 7, 9, 40)), (3, False, (1, 5, 21, 24)),
                                           (7, True, (1, 3, 8, 33))])
 def test_operator_matches_conv2d_forward_and_backward(k, bias, shape):
     """Output, input, weight and bias gradients against ``F.conv2d`` in fp32;
-    widths and channel counts that are not multiples of the kernels' blocks."""
+    widths (one over two column blocks) and channel counts that are not
+    multiples of the kernels' blocks."""
     c = shape[-1]
     x = nhwc(*shape).requires_grad_()
     w = torch.randn(c, 1, k, k, requires_grad=True)
@@ -49,6 +50,8 @@ def test_operator_matches_conv2d_forward_and_backward(k, bias, shape):
 
 
 def test_autocast_casts_as_for_a_convolution():
+    """Under bf16 autocast: bf16 output, and gradients (through the casts to
+    the fp32 parameters) close to PyTorch's bf16 convolution's."""
     conv = ConvNHWC(24, 24, 5, padding=2, groups=24, depthwise_impl='triton')
     ref = ConvNHWC(24, 24, 5, padding=2, groups=24)
     ref.load_state_dict(conv.state_dict())
@@ -57,8 +60,23 @@ def test_autocast_casts_as_for_a_convolution():
         y, y_ref = conv(x), ref(x)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     assert relative_error(y, y_ref) < 1e-2
-    y.float().square().sum().backward()
-    assert conv.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
+    dy = torch.randn(y.shape)
+    y.float().backward(dy)
+    y_ref.float().backward(dy)
+    for got, want in ((conv.weight.grad, ref.weight.grad), (conv.bias.grad, ref.bias.grad)):
+        assert got.dtype == torch.float32 and relative_error(got, want) < 2e-2
+
+
+def test_operators_pass_torch_library_opcheck():
+    """Schemas, fake (shape) functions with the real outputs' strides, and the
+    autograd registration, as torch.compile relies on them."""
+    x, w, b = nhwc(1, 5, 6, 16), torch.randn(16, 1, 3, 3), torch.randn(16)
+    torch.library.opcheck(torch.ops.mmconv2former.depthwise_conv_nhwc.default,
+                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+    dy = torch.randn(1, 5, 6, 16)
+    torch.library.opcheck(torch.ops.mmconv2former.depthwise_conv_nhwc_input_grad.default, (dy, w.detach()))
+    torch.library.opcheck(torch.ops.mmconv2former.depthwise_conv_nhwc_weight_grad.default,
+                          (x.detach(), dy, w.detach()))
 
 
 def _pair(**kwargs):

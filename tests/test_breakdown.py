@@ -20,9 +20,21 @@ from mmconv2former.engine.profiling import build_conv2former, make_step
     ('aten::gelu_backward', [], 'GELU'),
     ('aten::_fused_adamw_', [], OPTIMISER),
     ('aten::mul', [[2, 3], [2, 3]], None),
+    # The Triton operators (mmconv2former/ops): forward, input gradient, weight gradient.
+    ('mmconv2former::depthwise_conv_nhwc', [[2, 1, 7, 72], [72, 1, 11, 11], [72]], 'depthwise conv 11x11 (Triton)'),
+    ('mmconv2former::depthwise_conv_nhwc_input_grad', [[2, 7, 7, 72], [72, 1, 3, 3]], 'depthwise conv 3x3 (Triton)'),
+    ('mmconv2former::depthwise_conv_nhwc_weight_grad', [[2, 7, 7, 72], [2, 7, 7, 72], [72, 1, 11, 11]],
+     'depthwise conv 11x11 (Triton)'),
 ])
 def test_operator_kinds(name, shapes, kind):
     assert operator_kind(name, shapes) == kind
+
+
+def test_a_recomputed_triton_forward_is_told_from_its_gradients():
+    from mmconv2former.engine.breakdown import _phase
+    assert _phase('mmconv2former::depthwise_conv_nhwc', in_backward=True) == 'recomputed'
+    assert _phase('mmconv2former::depthwise_conv_nhwc_input_grad', in_backward=True) == 'backward'
+    assert _phase('mmconv2former::depthwise_conv_nhwc', in_backward=False) == 'forward'
 
 
 def _breakdown(**kwargs):

@@ -34,7 +34,8 @@ _KIND_OF = {name: kind for kind, names in KINDS.items() for name in names}
 #: they were recomputed (a linear layer's backward pass calls ``aten::mm``).
 FORWARD_ONLY = ('aten::convolution', 'aten::linear', 'aten::addmm', 'aten::matmul', 'aten::layer_norm',
                 'aten::native_layer_norm', 'aten::batch_norm', 'aten::native_batch_norm',
-                'aten::cudnn_batch_norm', 'aten::_batch_norm_impl_index', 'aten::gelu')
+                'aten::cudnn_batch_norm', 'aten::_batch_norm_impl_index', 'aten::gelu',
+                'mmconv2former::depthwise_conv_nhwc')
 OTHER = 'other (elementwise, reductions, ...)'
 OPTIMISER = 'optimiser and grad scaler'
 
@@ -45,10 +46,10 @@ def operator_kind(name: str, input_shapes: Sequence[Any]) -> Optional[str]:
     if name.startswith(('Optimizer.step', 'Optimizer.zero_grad')) or name.startswith(
             ('aten::_fused_adam', 'aten::_foreach_', 'aten::_amp_')):
         return OPTIMISER
-    if name.startswith('mmconv2former::depthwise_conv_nhwc'):  # the Triton operator (mmconv2former/ops)
-        weight = input_shapes[1] if len(input_shapes) > 1 else []
-        return f'depthwise conv {weight[-1]}x{weight[-1]} (Triton)' if len(weight) == 4 and \
-            not name.endswith('weight_grad') else 'depthwise conv (Triton)'
+    if name.startswith('mmconv2former::depthwise_conv_nhwc'):  # the Triton operators (mmconv2former/ops)
+        index = 2 if name.endswith('weight_grad') else 1
+        weight = input_shapes[index] if len(input_shapes) > index else []
+        return f'depthwise conv {weight[-1]}x{weight[-2]} (Triton)' if len(weight) == 4 else 'depthwise conv (Triton)'
     if name in ('aten::convolution', 'aten::convolution_backward'):
         weight = input_shapes[1 if name == 'aten::convolution' else 2] if len(input_shapes) > 2 else []
         if len(weight) == 4 and weight[1] == 1 and weight[2] * weight[3] > 1:

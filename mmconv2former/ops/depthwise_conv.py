@@ -30,11 +30,14 @@ The kernels compute in fp32 from bf16, fp16 or fp32 data:
 
 Where Triton, CUDA or ``torch.library.custom_op`` (torch >= 2.4) is absent,
 or the convolution is not one the kernels cover (stride 1, dilation 1, odd
-square kernel, padding K // 2, one channel per group), the call runs
+square kernel, padding K // 2, one channel per group), the data are not
+fp32/bf16/fp16, or deterministic algorithms are asked for, the call runs
 ``F.conv2d`` instead. On a CPU the kernels run under Triton's interpreter
 when ``TRITON_INTERPRET=1`` was set before this module was imported (the
-tests do so). Double backward is not supported by the Triton path.
+tests do so). The Triton path supports one backward pass (double backward
+needs ``'torch'``).
 """
+import contextlib
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -126,18 +129,27 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------- kernel launchers
+def _on(device: torch.device):
+    """Launch on ``device`` (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
+
+
 def forward_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  config: Sequence[int] = FORWARD_CONFIG) -> torch.Tensor:
-    """The Triton forward pass: ``x`` ``(B, H, W, C)`` contiguous, ``weight``
-    ``(C, 1, K, K)``, ``bias`` ``(C,)`` or None; returns ``(B, H, W, C)``."""
+    """The Triton forward pass: ``x`` ``(B, H, W, C)``, ``weight``
+    ``(C, 1, K, K)``, ``bias`` ``(C,)`` or None; returns a contiguous
+    ``(B, H, W, C)`` tensor."""
+    x = x.contiguous()
     n, h, w, c = x.shape
     k = weight.shape[-1]
     block_h, block_w, block_c, warps = config
     taps = weight.reshape(c, k * k).t().contiguous()  # (K*K, C): one tap's channels side by side
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grid = (n * triton.cdiv(h, block_h), triton.cdiv(w, block_w), triton.cdiv(c, block_c))
-    _forward_kernel[grid](x, taps, taps if bias is None else bias, y, h, w, c, K=k, HAS_BIAS=bias is not None,
-                          BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+    with _on(x.device):
+        _forward_kernel[grid](x, taps, taps if bias is None else bias.contiguous(), y, h, w, c, K=k,
+                              HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c,
+                              num_warps=warps)
     return y
 
 
@@ -149,7 +161,8 @@ def input_grad_nhwc(dy: torch.Tensor, weight: torch.Tensor, config: Sequence[int
 
 def weight_grad_nhwc(x: torch.Tensor, dy: torch.Tensor, k: int, config: Sequence[int] = WEIGHT_GRAD_CONFIG,
                      programs: Optional[int] = None) -> torch.Tensor:
-    """dL/dw as an fp32 ``(C, 1, K, K)`` tensor."""
+    """dL/dw as a contiguous fp32 ``(C, 1, K, K)`` tensor."""
+    x, dy = x.contiguous(), dy.contiguous()
     n, h, w, c = x.shape
     block_w, block_c, warps = config
     if programs is None:  # about four waves of the GPU; on a CPU (the interpreter) enough to split rows
@@ -159,28 +172,40 @@ def weight_grad_nhwc(x: torch.Tensor, dy: torch.Tensor, k: int, config: Sequence
     per_program = triton.cdiv(rows, splits)
     dw = torch.zeros(k * k, c, device=x.device, dtype=torch.float32)
     grid = (k, triton.cdiv(c, block_c), triton.cdiv(rows, per_program))
-    _weight_grad_kernel[grid](x, dy, dw, h, w, c, rows, per_program, K=k, K_PAD=triton.next_power_of_2(k),
-                              BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
-    return dw.t().reshape(c, 1, k, k)
+    with _on(x.device):
+        _weight_grad_kernel[grid](x, dy, dw, h, w, c, rows, per_program, K=k, K_PAD=triton.next_power_of_2(k),
+                                  BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+    return dw.t().contiguous().view(c, 1, k, k)
 
 
-# ---------------------------------------------------------------------------- the operator
+# ---------------------------------------------------------------------------- the operators
 if AVAILABLE:
+    # Three operators, so that a profile and a checkpointing policy tell the
+    # forward pass (which recomputation may run again) from the two gradients.
     @torch.library.custom_op('mmconv2former::depthwise_conv_nhwc', mutates_args=())
     def _depthwise_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return forward_nhwc(x, weight, bias)
 
     @_depthwise_op.register_fake
     def _(x, weight, bias):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)
+
+    @torch.library.custom_op('mmconv2former::depthwise_conv_nhwc_input_grad', mutates_args=())
+    def _input_grad_op(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return input_grad_nhwc(dy, weight)
+
+    @_input_grad_op.register_fake
+    def _(dy, weight):
+        return dy.new_empty(dy.shape)
 
     @torch.library.custom_op('mmconv2former::depthwise_conv_nhwc_weight_grad', mutates_args=())
-    def _weight_grad_op(x: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor:
-        return weight_grad_nhwc(x, dy, k)
+    def _weight_grad_op(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # ``weight`` gives the kernel's shape (and names it in a profile).
+        return weight_grad_nhwc(x, dy, weight.shape[-1]).to(weight.dtype)
 
     @_weight_grad_op.register_fake
-    def _(x, dy, k):
-        return x.new_empty((x.shape[-1], 1, k, k), dtype=torch.float32)
+    def _(x, dy, weight):
+        return weight.new_empty(weight.shape)
 
     def _setup_context(ctx, inputs, output) -> None:
         x, weight, bias = inputs
@@ -188,19 +213,18 @@ if AVAILABLE:
         ctx.has_bias = bias is not None
 
     def _backward(ctx, dy: torch.Tensor):
+        # Not differentiable again: double backward needs depthwise_impl='torch'.
         x, weight = ctx.saved_tensors
         dy = dy.contiguous()
-        # The input gradient is the forward operator again, so it is itself
-        # differentiable; the weight gradient's operator is not.
-        dx = _depthwise_op(dy, weight.flip(-1, -2), None) if ctx.needs_input_grad[0] else None
-        dw = _weight_grad_op(x, dy, weight.shape[-1]).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dx = _input_grad_op(dy, weight) if ctx.needs_input_grad[0] else None
+        dw = _weight_grad_op(x, dy, weight) if ctx.needs_input_grad[1] else None
         db = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 1, 2), dtype=torch.float32).to(weight.dtype)
         return dx, dw, db
 
     _depthwise_op.register_autograd(_backward, setup_context=_setup_context)
-    #: The operator as selective checkpointing policies see it.
+    #: The forward operator as selective checkpointing policies see it.
     DEPTHWISE_OP = torch.ops.mmconv2former.depthwise_conv_nhwc.default
 else:
     DEPTHWISE_OP = None
@@ -216,8 +240,12 @@ def covers(conv: torch.nn.Conv2d) -> bool:
 
 
 def runs_here(x: torch.Tensor) -> bool:
-    """Whether :func:`depthwise_conv_nhwc` runs the Triton kernels for ``x``."""
-    return AVAILABLE and (x.is_cuda or INTERPRETED) and x.numel() <= MAX_ELEMENTS
+    """Whether :func:`depthwise_conv_nhwc` runs the Triton kernels for ``x``:
+    not where deterministic algorithms are asked for (the weight gradient
+    adds partial sums atomically, in no fixed order)."""
+    return (AVAILABLE and (x.is_cuda or INTERPRETED) and x.numel() <= MAX_ELEMENTS
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def depthwise_conv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -67,12 +67,14 @@ TINY_ARCH = dict(channels=[16, 32, 48, 64], depths=[1, 1, 1, 1], kernel_size=5)
 #: the same inputs, so the gradients agree to rounding; a wrong or missing
 #: gradient term shows as an error of order 1.
 GRAD_TOLERANCE = {'fp32': 1e-4, 'bf16': 1e-2, 'fp16': 1e-2}
-#: For the Triton depthwise operator against cuDNN (TF32 off), ``|g - g_ref| /
-#: |g_ref|`` over all parameters' gradients as one vector: other kernels sum in
-#: another order, which shows, relatively, in parameters whose gradients are
-#: small at initialisation, and under autocast their bf16/fp16 outputs round
-#: differently. A wrong term is still of order 1.
-TRITON_TOLERANCE = {'fp32': 1e-4, 'bf16': 3e-2, 'fp16': 3e-2}
+#: For the Triton depthwise operator against cuDNN (TF32 off), per parameter
+#: tensor ``|g - g_ref| / max(|g_ref|, 1e-3 |all g_ref|)``: other kernels sum
+#: in another order, which shows, relatively, in the tensors whose gradients
+#: are tiny at initialisation (hence the floor), and under autocast their
+#: bf16/fp16 outputs round differently. (Measured on a CPU, tiny arch: PyTorch's
+#: own fp32 gradients are up to 2e-3 off fp64's by this measure, in the stem.)
+#: A wrong term is still of order 1.
+TRITON_TOLERANCE = {'fp32': 1e-2, 'bf16': 5e-2, 'fp16': 5e-2}
 
 
 @dataclass
@@ -150,10 +152,11 @@ def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = Fals
             finite = all(torch.isfinite(g).all() for g in got.values())
             missing = sorted(set(expected) - set(got))
             names = [n for n in expected if n in got]
-            if 'triton' in label:  # other kernels: all gradients as one vector
-                error = (torch.cat([(got[n] - expected[n]).flatten() for n in names]).norm()
-                         / torch.cat([expected[n].flatten() for n in names]).norm()).item()
-                limit, what = TRITON_TOLERANCE[dtype], 'all parameters'
+            if 'triton' in label:  # other kernels: each tensor, against a floor of the whole gradient's size
+                floor = 1e-3 * torch.cat([expected[n].flatten() for n in names]).norm()
+                error = max(((got[n] - expected[n]).norm() / torch.maximum(expected[n].norm(), floor)).item()
+                            for n in names)
+                limit, what = TRITON_TOLERANCE[dtype], 'worst parameter, floored'
             else:  # the same kernels: every parameter tensor on its own
                 error = max(((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-30)).item()
                             for n in names)
@@ -240,14 +243,17 @@ def run_breakdowns(args: argparse.Namespace, limit: float) -> List[Dict[str, Any
             continue
         x = torch.randn(setting.batch, 3, setting.side, setting.side, device=args.device)
         x = x.contiguous(memory_format=torch.channels_last)
-        models = []
-        for key, label, model in models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton):
+        models, pending = [], models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton)
+        while pending:  # one model on the device at a time
+            key, label, model = pending.pop(0)
             step = make_step(on_device(model, args.device, False, args.backend), x, setting.mode == 'train',
                              setting.dtype)
             for _ in range(2):
                 step()
             models.append(dict(key=key, name=label, **step_breakdown(step, args.device)))
             del step, model
+            if torch.device(args.device).type == 'cuda':
+                torch.cuda.empty_cache()
         results.append(dict(setting=str(setting), models=models))
         if torch.device(args.device).type == 'cuda':
             torch.cuda.empty_cache()

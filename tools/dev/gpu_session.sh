@@ -13,8 +13,8 @@
 #   bash tools/dev/gpu_session.sh OUTDIR           # on the GPU machine
 #   bash tools/dev/gpu_session.sh OUTDIR --cpu     # every step at tiny shapes on a CPU, first
 #
-# Budgets: PROBE_BUDGET (default 60 s of timings) and BENCHMARK_BUDGET
-# (default 360 s, the benchmark's own time guard).
+# Budgets: PROBE_BUDGET (default 90 s, the probe's checks and timings) and
+# BENCHMARK_BUDGET (default 360 s, the benchmark's own time guard).
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUTDIR [--cpu]}
 cpu=0
@@ -41,7 +41,7 @@ if [ $cpu = 1 ]; then
     python3 tools/analysis/gpu_benchmark.py --device cpu --tiny --json "$out/gpu_benchmark.json" 2>&1 \
         | tee "$out/gpu_benchmark.log" || status=1
 else
-    python3 tools/dev/depthwise_conv_probe.py --budget "${PROBE_BUDGET:-60}" --json "$out/depthwise.json" 2>&1 \
+    python3 tools/dev/depthwise_conv_probe.py --budget "${PROBE_BUDGET:-90}" --json "$out/depthwise.json" 2>&1 \
         | tee "$out/depthwise.log" || status=1
     python3 tools/analysis/gpu_benchmark.py --budget "${BENCHMARK_BUDGET:-360}" \
         --json "$out/gpu_benchmark.json" 2>&1 | tee "$out/gpu_benchmark.log" || status=1
