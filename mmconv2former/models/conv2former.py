@@ -303,8 +303,7 @@ class Conv2Former(BaseModule):
         if not isinstance(recompute, bool):
             raise ValueError(f'recompute must be True or False, got {recompute!r}')
         self.recompute = recompute
-        if depthwise_impl not in ('torch', 'triton'):
-            raise ValueError(f"depthwise_impl must be 'torch' or 'triton', got {depthwise_impl!r}")
+        # Its values are checked by ConvNHWC, which every block passes it to.
         if depthwise_impl == 'triton' and not TRITON_AVAILABLE:
             print_log("Conv2Former: depthwise_impl='triton' needs Triton and torch >= 2.4; "
                       "PyTorch's convolution serves instead", logger='current', level=30)

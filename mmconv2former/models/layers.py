@@ -40,7 +40,7 @@ class ConvNHWC(nn.Conv2d):
         if depthwise_impl == 'triton' and not covers(self):
             raise ValueError("depthwise_impl='triton' covers depthwise convolutions (groups == channels) "
                              'with stride 1 and an odd kernel padded by K // 2; this convolution is '
-                             f'{self.extra_repr()}')
+                             f'{super().extra_repr()}')
         self.depthwise_impl = depthwise_impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,7 @@ class ConvNHWC(nn.Conv2d):
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
-        return extra + ", depthwise_impl='triton'" if getattr(self, 'depthwise_impl', 'torch') == 'triton' \
-            else extra
+        return extra + ", depthwise_impl='triton'" if self.depthwise_impl == 'triton' else extra
 
 
 class LayerNorm2d(nn.LayerNorm):
