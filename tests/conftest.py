@@ -1,6 +1,7 @@
 import argparse
 import os
 import os.path as osp
+import subprocess
 import sys
 
 # OpenMP threads that spin while waiting make 2-thread torch 5-20x slower as
@@ -146,6 +147,30 @@ def coco_demo(tmp_path_factory) -> str:
     once per run; tests that damage files work on a copy."""
     from mmconv2former.demo.coco import generate_coco_demo
     return generate_coco_demo(str(tmp_path_factory.mktemp('coco_demo')), num_train=8, num_val=4, seed=3)
+
+
+@pytest.fixture(scope='session')
+def triton_interpreter() -> None:
+    """Skip the test where Triton's interpreter cannot run the depthwise
+    kernels here. Triton 3.6's interpreter fails on loops whose bounds are
+    runtime values, as the weight-gradient kernel's are ("only 0-dimensional
+    arrays can be converted to Python scalars"); 3.8's runs them. The
+    compiled kernels on a GPU are not affected. Tried once, in a child
+    process: the interpreter is chosen when the kernels are defined."""
+    pytest.importorskip('triton')
+    code = ('import torch\n'
+            'from mmconv2former.ops import depthwise_conv as dw\n'
+            'x = torch.randn(1, 3, 3, 2)\n'
+            'dw.forward_nhwc(x, torch.randn(2, 1, 3, 3))\n'
+            'dw.weight_grad_nhwc(x, x, 3)\n')
+    env = dict(os.environ, TRITON_INTERPRET='1', OMP_WAIT_POLICY='PASSIVE')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    # Only this known limitation skips: any other failure is the kernels' and
+    # must show in the tests that use them.
+    if done.returncode != 0 and 'only 0-dimensional arrays can be converted' in done.stderr:
+        import triton
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run loops with runtime bounds")
 
 
 def needs_convnext() -> None:

@@ -25,7 +25,7 @@ def run_python(args, interpret: bool = True, **kwargs) -> subprocess.CompletedPr
                           timeout=600, **kwargs)
 
 
-def test_triton_kernels_match_fp64_under_the_interpreter(tmp_path):
+def test_triton_kernels_match_fp64_under_the_interpreter(tmp_path, triton_interpreter):
     """Forward (one output row per program, and several), input gradient (the
     flipped-kernel trick) and weight gradient (split over rows, atomically
     summed), fp32 and bf16 data, heights, widths and channel counts that are
@@ -42,7 +42,7 @@ def test_triton_kernels_match_fp64_under_the_interpreter(tmp_path):
     assert '[FAILED]' not in done.stdout
 
 
-def test_the_check_tells_a_wrong_gradient_from_a_right_one():
+def test_the_check_tells_a_wrong_gradient_from_a_right_one(triton_interpreter):
     """The input gradient through the kernel *unflipped* (a plausible bug)
     is far off the fp64 reference, so the check above can fail."""
     code = f"""
@@ -84,7 +84,7 @@ def test_cpu_needs_the_interpreter():
 
 
 @pytest.mark.slow
-def test_probe_times_every_implementation_at_tiny_shapes(tmp_path):
+def test_probe_times_every_implementation_at_tiny_shapes(tmp_path, triton_interpreter):
     path = str(tmp_path / 'probe.json')
     done = run_python([PROBE, '--device', 'cpu', '--tiny', '--json', path])
     assert done.returncode == 0, done.stdout + done.stderr
@@ -96,3 +96,35 @@ def test_probe_times_every_implementation_at_tiny_shapes(tmp_path):
                    for d in ('forward', 'input grad', 'weight grad'))
         assert set(row['times']['Triton, channels-last']['configs']) == {'forward', 'input grad', 'weight grad'}
     assert set(result['totals']) == {'tiny 3x3, batch 1 at 36x36', 'tiny 5x5, batch 1 at 36x36'}
+
+
+def test_a_kernel_that_raises_fails_its_check_and_is_not_timed(triton_interpreter):
+    """A block shape Triton cannot build (a width that is not a power of
+    two) fails its checks with the error instead of ending the probe; only
+    the block shapes that passed every check are timed."""
+    code = f"""
+import json, runpy, torch
+probe = runpy.run_path({PROBE!r})
+probe['check_triton'].__globals__['FORWARD_CONFIGS'] = [(1, 16, 32, 4), (4, 12, 32, 4)]
+checks = probe['check_triton']('cpu', torch.float32, [(1, 8, 5, 6, 3)])
+print(json.dumps(dict(checks=checks, good=probe['passing_configs'](checks))))
+"""
+    done = run_python(['-c', code])
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    bad = [c for c in result['checks'] if not c['passed']]
+    assert {(c['direction'], tuple(c['config'])) for c in bad} == {('forward', (4, 12, 32, 4)),
+                                                                   ('input grad', (4, 12, 32, 4))}
+    assert all(c['raised'] for c in bad)
+    assert result['good'] == {'forward': [[1, 16, 32, 4]], 'weight grad': [[8, 32, 4]]}
+
+
+def test_only_block_shapes_that_passed_every_check_are_timed():
+    probe = runpy.run_path(PROBE)
+    default, other = probe['FORWARD_CONFIGS'][:2]
+    checks = [dict(direction='forward', config=default, passed=True),
+              dict(direction='input grad', config=default, passed=True),
+              dict(direction='forward', config=other, passed=True),
+              dict(direction='input grad', config=other, passed=False),
+              dict(direction='weight grad', config=probe['WGRAD_CONFIGS'][0], passed=False)]
+    assert probe['passing_configs'](checks) == {'forward': [tuple(default)], 'weight grad': []}

@@ -13,6 +13,7 @@ from conftest import ROOT, TINY, needs_convnext, randomise, relative_error
 
 from mmconv2former.engine.profiling import TrainStep, build_conv2former, gradients, peak_memory
 from mmconv2former.models import Conv2Former
+from mmconv2former.ops import depthwise_conv as dw
 
 GPU_BENCHMARK = osp.join(ROOT, 'tools', 'analysis', 'gpu_benchmark.py')
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
@@ -94,6 +95,11 @@ def test_settings_run_eager_first_and_quick_compiles_less(tool):
                                           'inference bf16, batch 64 at 224x224, eager']
     assert {(s.mode, s.batch, s.side) for s in full} == {('train', 64, 224), ('train', 4, 1024),
                                                          ('inference', 64, 224), ('inference', 1, 1024)}
+    # Compiled settings, which the time guard may cut, in the order the targets need them.
+    assert [str(s) for s in full[6:]] == [
+        'train bf16, batch 64 at 224x224, compiled', 'train bf16, batch 4 at 1024x1024, compiled',
+        'inference bf16, batch 64 at 224x224, compiled', 'inference bf16, batch 1 at 1024x1024, compiled',
+        'train fp16, batch 64 at 224x224, compiled', 'train fp16, batch 4 at 1024x1024, compiled']
     quick = tool['settings'](tiny=False, quick=True, with_compile=True)
     assert [str(s) for s in quick if s.compiled] == ['train bf16, batch 64 at 224x224, compiled',
                                                      'inference bf16, batch 64 at 224x224, compiled']
@@ -147,6 +153,81 @@ def test_triton_variant_joins_the_eager_settings_and_the_gradient_checks(tool):
     x = torch.randn(1, 3, 32, 32)
     checks = [c for c in tool['check_gradients'](arch, x, triton=True) if 'triton' in c['check']]
     assert len(checks) == 3 and all(c['passed'] and 'floored' in c['check'] for c in checks)
+
+
+class Broken(torch.nn.Module):
+    """A model whose every call raises, as a kernel that does not compile on
+    a new GPU, or an out-of-memory error, would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        raise RuntimeError('planted failure')
+
+
+def test_a_failing_model_costs_only_its_own_rows(tool, tmp_path, capsys, monkeypatch):
+    """A model that raises (in its profiled step and in every timed setting)
+    is reported as failed, the other models' rows stand, the results file
+    says so, and the run ends with a failure status."""
+    needs_convnext()
+    models_for = tool['models_for']
+
+    def with_broken(*args, **kwargs):
+        models = models_for(*args, **kwargs)
+        return models[:-1] + [('broken', 'Broken', Broken())] + models[-1:]
+
+    monkeypatch.setitem(tool['main'].__globals__, 'models_for', with_broken)
+    path = str(tmp_path / 'gpu.json')
+    result = tool['main'](['--device', 'cpu', '--tiny', '--no-compile', '--json', path])
+    out = capsys.readouterr().out
+    settings = tool['settings'](tiny=True, quick=False, with_compile=False)
+    assert len(result['rows']) == 3 * len(settings) and not result['skipped']
+    assert all(r['speed_vs_convnext'] > 0 for r in result['rows'])  # the ConvNeXt still the base
+    assert [f['setting'] for f in result['failed_models']] == [str(s) for s in settings]
+    assert all(f['error'] == 'RuntimeError: planted failure' and 'Traceback' in f['traceback']
+               for f in result['failed_models'])
+    for breakdown in result['breakdowns']:  # profiled: the others profiled, the broken one reported
+        names = [m['name'] for m in breakdown['models'] if 'error' not in m]
+        assert 'Broken' not in names and names[-1] == result['convnext']
+    assert len(result['failed']) == len(settings) + len(result['breakdowns'])
+    assert 'Broken                                 failed: RuntimeError: planted failure' in out
+    assert json.load(open(path))['failed'] == result['failed']
+    assert [c['check'] for c in result['correctness'] if not c['passed']] == []
+
+
+def test_a_failing_check_is_reported_and_the_rest_runs(tool, monkeypatch, capsys):
+    """A check that raises becomes a failed check with its error; the
+    checks after it and the timings still run."""
+    needs_convnext()
+
+    def raising(*args, **kwargs):
+        raise RuntimeError('planted failure')
+
+    monkeypatch.setitem(tool['main'].__globals__, 'check_layouts', raising)
+    result = tool['main'](['--device', 'cpu', '--tiny', '--no-compile', '--no-profile'])
+    failed = [c for c in result['correctness'] if not c['passed']]
+    assert [(c['check'], c['error']) for c in failed] == [('layouts', 'RuntimeError: planted failure')]
+    assert any(c['check'].startswith('fp16 + GradScaler') and c['passed'] for c in result['correctness'])
+    assert result['rows'] and result['failed'] == ['layouts']
+    assert '[FAILED] layouts: raised RuntimeError: planted failure' in capsys.readouterr().out
+
+
+@pytest.mark.skipif(dw.DEPTHWISE_OP is None or dw.INTERPRETED, reason='needs Triton, not its interpreter')
+def test_a_triton_variant_that_raises_is_left_out_of_the_timings(tool, monkeypatch, capsys):
+    """Told that its kernels run here, the Triton variant launches them on
+    CPU tensors without the interpreter, which raises: its gradient checks
+    fail with that error, and the timings go on without it."""
+    needs_convnext()
+    monkeypatch.setattr(dw, 'runs_here', lambda x: True)
+    result = tool['main'](['--device', 'cpu', '--tiny', '--no-compile', '--no-profile'])
+    triton = [c for c in result['correctness'] if 'triton' in c['check']]
+    assert len(triton) == 3 and all(not c['passed'] and c['error'] for c in triton)
+    assert all(c['passed'] for c in result['correctness'] if 'triton' not in c['check'])
+    assert result['triton']['included'] is False and result['rows']
+    assert not any('triton' in r['name'] for r in result['rows'])
+    assert "raised in the checks: left out of the timings" in capsys.readouterr().out
 
 
 def test_time_guard_skips_what_does_not_fit(tool, capsys):

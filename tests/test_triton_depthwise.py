@@ -72,7 +72,7 @@ def test_checkpoint_policy_stores_the_operators_large_kernel_output():
 
 
 @pytest.mark.skipif(not dw.AVAILABLE, reason='needs Triton and torch >= 2.4')
-def test_kernels_under_the_interpreter():
+def test_kernels_under_the_interpreter(triton_interpreter):
     env = dict(os.environ, TRITON_INTERPRET='1', OMP_WAIT_POLICY='PASSIVE')
     done = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
                            'interpreted_triton_depthwise.py'], cwd=osp.join(ROOT, 'tests'), env=env,

@@ -32,16 +32,27 @@ What it runs, in this order, printing each result as it comes:
    (``mmconv2former.engine.profiling``).
 
 A time guard keeps the whole run within ``--budget`` seconds: a setting whose
-estimated cost (compilation included) would overrun it is skipped with a note,
-compiled settings last. ``--quick`` times fewer settings.
+estimated cost (compilation included) would overrun it is skipped with a note.
+Compiled settings come last, in the order the targets need them (bf16
+training at both shapes, bf16 inference, fp16 training). ``--quick`` times
+fewer settings.
+
+A part that raises (a check, a model's profiled step, a model in a setting:
+a kernel that does not compile on this GPU, an out-of-memory error) is
+reported with its error and the run goes on; the results file is rewritten
+after every part and lists every failure; the exit status is 1 if anything
+failed.
 """
 import argparse
 import copy
+import gc
 import json
 import math
+import os
 import os.path as osp
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -93,18 +104,22 @@ class Setting:
 
 def settings(tiny: bool, quick: bool, with_compile: bool) -> List[Setting]:
     """The settings in the order they run: eager before compiled, 224 before
-    1024. ``quick`` compiles bf16 at 224 only; ``tiny`` runs every code path
-    once (fp16 compiled differs from bf16 compiled only in the GradScaler,
-    which runs outside the compiled model)."""
+    1024. Compiled settings, which the time guard may cut, go by what the
+    targets need: bf16 training at both shapes, then bf16 inference, then
+    fp16 training (fp16 differs from bf16 only in the GradScaler, which runs
+    outside the compiled model). ``quick`` compiles at 224 only; ``tiny``
+    runs every code path once."""
     shapes = [((2, 64), (2, 64))] if tiny else [((64, 224), (64, 224)), ((4, 1024), (1, 1024))]
     out = []
-    for compiled in ([False, True] if with_compile else [False]):
-        for i, ((train_batch, train_side), (infer_batch, infer_side)) in enumerate(shapes):
-            if compiled and quick and i > 0:
-                continue
-            dtypes = ['bf16'] if compiled and (quick or tiny) else ['bf16', 'fp16']
-            out += [Setting('train', d, train_batch, train_side, compiled) for d in dtypes]
-            out.append(Setting('inference', 'bf16', infer_batch, infer_side, compiled))
+    for train, infer in shapes:  # eager: each shape's settings together
+        out += [Setting('train', d, *train, False) for d in ('bf16', 'fp16')]
+        out.append(Setting('inference', 'bf16', *infer, False))
+    if with_compile:
+        shapes = shapes[:1] if quick else shapes
+        out += [Setting('train', 'bf16', *train, True) for train, _ in shapes]
+        out += [Setting('inference', 'bf16', *infer, True) for _, infer in shapes]
+        if not (quick or tiny):
+            out += [Setting('train', 'fp16', *train, True) for train, _ in shapes]
     return out
 
 
@@ -123,6 +138,25 @@ def models_for(setting: Setting, arch: Union[str, dict], convnext_arch: Union[st
 def on_device(model: nn.Module, device: str, compiled: bool, backend: str) -> nn.Module:
     model = model.to(device=device, memory_format=torch.channels_last)
     return torch.compile(model, backend=backend, dynamic=False) if compiled else model
+
+
+# ---------------------------------------------------------------------------- failures
+def failure(exc: Exception, **fields) -> Dict[str, Any]:
+    """What a part that raised leaves in the results: the error in one line
+    (type and first line of the message) and the traceback's end. On a first
+    run on a new GPU one failing part (a kernel that does not compile, an
+    out-of-memory error) must not cost the rest of the run."""
+    message = str(exc).strip().splitlines()
+    return dict(fields, error=f'{type(exc).__name__}: {message[0][:300] if message else ""}',
+                traceback=traceback.format_exc()[-3000:])
+
+
+def release(device: str) -> None:
+    """Free what a failed part left behind: its tensors and, on a GPU, the
+    allocator's cached blocks."""
+    gc.collect()
+    if torch.device(device).type == 'cuda':
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------- correctness
@@ -148,7 +182,13 @@ def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = Fals
     for dtype in ('fp32', 'bf16', 'fp16'):
         expected = gradients(reference, x, dtype, loss_fn=mean_square_of_outputs)
         for label, model in models.items():
-            got = gradients(model, x, dtype, loss_fn=mean_square_of_outputs)
+            try:
+                got = gradients(model, x, dtype, loss_fn=mean_square_of_outputs)
+            except Exception as exc:  # e.g. a Triton kernel that does not compile here
+                results.append(failure(exc, check=f'gradients {label} vs recompute=False, {dtype}',
+                                       passed=False))
+                release(str(x.device))
+                continue
             finite = all(torch.isfinite(g).all() for g in got.values())
             missing = sorted(set(expected) - set(got))
             names = [n for n in expected if n in got]
@@ -216,11 +256,23 @@ def correctness(arch: Union[str, dict], batch: int, side: int, device: str, trit
     # Deterministic kernels, so that the gradients differ by the policy only;
     # fp32 convolutions in fp32, so that the Triton operator meets cuDNN's numbers.
     cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = True, False, False
+    results = []
     try:
-        results = check_gradients(arch, x, triton) + check_layouts(arch, x)
+        for name, check in (('gradients', lambda: check_gradients(arch, x, triton)),
+                            ('layouts', lambda: check_layouts(arch, x))):
+            try:
+                results += check()
+            except Exception as exc:
+                results.append(failure(exc, check=name, passed=False))
+                release(device)
     finally:
         cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = saved
-    return results + [check_fp16(arch, x)]
+    try:
+        results.append(check_fp16(arch, x))
+    except Exception as exc:
+        results.append(failure(exc, check='fp16 + GradScaler', passed=False))
+        release(device)
+    return results
 
 
 # ---------------------------------------------------------------------------- profile
@@ -246,14 +298,16 @@ def run_breakdowns(args: argparse.Namespace, limit: float) -> List[Dict[str, Any
         models, pending = [], models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton)
         while pending:  # one model on the device at a time
             key, label, model = pending.pop(0)
-            step = make_step(on_device(model, args.device, False, args.backend), x, setting.mode == 'train',
-                             setting.dtype)
-            for _ in range(2):
-                step()
-            models.append(dict(key=key, name=label, **step_breakdown(step, args.device)))
-            del step, model
-            if torch.device(args.device).type == 'cuda':
-                torch.cuda.empty_cache()
+            try:
+                step = make_step(on_device(model, args.device, False, args.backend), x,
+                                 setting.mode == 'train', setting.dtype)
+                for _ in range(2):
+                    step()
+                models.append(dict(key=key, name=label, **step_breakdown(step, args.device)))
+            except Exception as exc:
+                models.append(failure(exc, key=key, name=label))
+            step = model = None
+            release(args.device)
         results.append(dict(setting=str(setting), models=models))
         if torch.device(args.device).type == 'cuda':
             torch.cuda.empty_cache()
@@ -266,7 +320,12 @@ def print_breakdown(result: Dict[str, Any], kernels: int = 8) -> None:
     if 'skipped' in result:
         print(f'## {result["setting"]}: skipped, {result["skipped"]}', flush=True)
         return
-    models = result['models']
+    for m in result['models']:
+        if 'error' in m:
+            print(f'## {result["setting"]}: {m["name"]} failed: {m["error"]}', flush=True)
+    models = [m for m in result['models'] if 'error' not in m]
+    if not models:
+        return
     kinds = list(dict.fromkeys(k for m in models for k in m['kinds']))
     print(f'## {result["setting"]}: ' + '  '.join(f'[{i}] {m["name"]}' for i, m in enumerate(models, 1)),
           flush=True)
@@ -309,45 +368,57 @@ class Guard:
         return self.deadline - time.perf_counter()
 
 
-def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard) -> Tuple[List[dict], Optional[str]]:
-    """Rows of one setting, or a note why it was skipped."""
+def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard
+                ) -> Tuple[List[dict], Optional[str], List[dict]]:
+    """Rows of one setting; a note why it was skipped or stopped, or None;
+    and the models that failed (:func:`failure`), which leave the others'
+    rows standing."""
     steps = args.warmup + args.repeats + 1
     estimate = guard.estimate(setting, 4 if args.triton and not setting.compiled else 3, steps)
     if estimate > guard.left():
-        return [], f'skipped: needs about {estimate:.0f} s, {max(guard.left(), 0):.0f} s of the budget left'
+        return [], f'skipped: needs about {estimate:.0f} s, {max(guard.left(), 0):.0f} s of the budget left', []
     models = models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton)
     x = torch.randn(setting.batch, 3, setting.side, setting.side, device=args.device)
     x = x.contiguous(memory_format=torch.channels_last)
-    cases, first_step = [], {}
-    for key, label, model in models:
+    cases, first_step, failed = [], {}, []
+    for i, (key, label, model) in enumerate(models):
         if setting.compiled and guard.compile_estimate(setting.mode) > guard.left():
-            return [], f'stopped: no time to compile model {len(cases) + 1} of {len(models)}'
-        net = on_device(model, args.device, setting.compiled, args.backend)
-        step = make_step(net, x, setting.mode == 'train', setting.dtype)
-        start = time.perf_counter()
-        step()  # compiles, searches cuDNN algorithms, creates the optimiser state
-        synchronize(args.device)
+            return [], f'stopped: no time to compile model {i + 1} of {len(models)}', failed
+        try:
+            net = on_device(model, args.device, setting.compiled, args.backend)
+            step = make_step(net, x, setting.mode == 'train', setting.dtype)
+            start = time.perf_counter()
+            step()  # compiles, searches cuDNN algorithms, creates the optimiser state
+            synchronize(args.device)
+        except Exception as exc:  # a compilation or kernel that fails here, an out-of-memory error
+            failed.append(failure(exc, setting=str(setting), name=label))
+            net = step = model = None
+            release(args.device)
+            continue
         first_step[label] = time.perf_counter() - start
         if setting.compiled:
             guard.compile_s[setting.mode] = max(guard.compile_s.get(setting.mode, 0.0), first_step[label])
         cases.append(Case(label, step, setting.batch, key))
+    if not cases:
+        return [], 'failed: no model ran', failed
     time_interleaved(cases, args.repeats, args.warmup - 1, 1, args.device)
-    base = cases[-1]
+    base = next((c for c in cases if c.key == 'convnext'), None)
     # Memory on a GPU only: what max_memory_allocated says (on a CPU the
     # profiler's count takes longer than the tiny steps; benchmark.py has it).
     cuda = torch.device(args.device).type == 'cuda'
     rows = []
     for case in cases:
         row = summarise(case)
-        row.update(setting=str(setting), speed_vs_convnext=paired_ratio(case, base)['median'],
+        row.update(setting=str(setting), speed_vs_convnext=paired_ratio(case, base)['median'] if base else None,
                    peak_mib=peak_memory(case.step, args.device) / 2 ** 20 if cuda else None,
                    first_step_s=first_step[case.name])
         guard.step_s[(setting.mode, setting.side)] = max(guard.step_s.get((setting.mode, setting.side), 0.0),
                                                           row['ms_per_step'] / 1e3)
         rows.append(row)
+    base_mib = next((r['peak_mib'] for r in rows if r['key'] == 'convnext'), None)
     for row in rows:
-        row['memory_vs_convnext'] = row['peak_mib'] / rows[-1]['peak_mib'] if cuda else None
-    return rows, None
+        row['memory_vs_convnext'] = row['peak_mib'] / base_mib if cuda and base_mib else None
+    return rows, None, failed
 
 
 HEAD = (f'{"setting":<44} {"model":<38} {"img/s":>9} {"(min-max)":>19} {"vs ConvNeXt":>11} '
@@ -355,14 +426,26 @@ HEAD = (f'{"setting":<44} {"model":<38} {"img/s":>9} {"(min-max)":>19} {"vs Conv
 
 
 def print_row(row: Dict[str, Any]) -> None:
+    def ratio(value: Optional[float]) -> str:
+        return f'{"-":>11}' if value is None else f'{value:10.2f}x'
+
     spread = f'({row["min"]:.1f}-{row["max"]:.1f})'
-    memory = (f'{row["peak_mib"]:9.1f} {row["memory_vs_convnext"]:10.2f}x' if row['peak_mib'] is not None
-              else f'{"-":>9} {"-":>11}')
+    memory = f'{row["peak_mib"]:9.1f}' if row['peak_mib'] is not None else f'{"-":>9}'
     print(f'{row["setting"]:<44} {row["name"]:<38} {row["img_per_s"]:9.1f} {spread:>19} '
-          f'{row["speed_vs_convnext"]:10.2f}x {memory} {row["first_step_s"]:10.1f}', flush=True)
+          f'{ratio(row["speed_vs_convnext"])} {memory} {ratio(row["memory_vs_convnext"])} '
+          f'{row["first_step_s"]:10.1f}', flush=True)
 
 
 # ---------------------------------------------------------------------------- main
+def save(result: Dict[str, Any], path: Optional[str]) -> None:
+    """Write the results so far (after every part: a run stopped from
+    outside still leaves what it measured)."""
+    if path:
+        with open(path + '.tmp', 'w') as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(path + '.tmp', path)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda', help='cuda (default), or cpu to check the paths')
@@ -408,7 +491,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if torch.device(args.device).type == 'cuda':
         torch.backends.cudnn.benchmark = True
     result: Dict[str, Any] = dict(machine=machine(), settings=copy.deepcopy(
-        {k: v for k, v in vars(args).items() if k != 'json'}), correctness=[], breakdowns=[], rows=[], skipped=[])
+        {k: v for k, v in vars(args).items() if k != 'json'}), correctness=[], breakdowns=[], rows=[], skipped=[],
+        failed_models=[])
     print(f'# {describe(result["machine"])}', flush=True)
     try:
         peer_label = convnext_label(args.convnext_arch, library=args.convnext)
@@ -429,8 +513,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           'parameters as one vector)', flush=True)
     for check in correctness(args.arch, 2, side, args.device, args.triton):
         result['correctness'].append(check)
-        value = f'{check["value"]:.2e} (limit {check["limit"]:g})' if 'limit' in check else check['value']
+        if 'error' in check:
+            value = f'raised {check["error"]}'
+        else:
+            value = f'{check["value"]:.2e} (limit {check["limit"]:g})' if 'limit' in check else check['value']
         print(f'  [{"ok" if check["passed"] else "FAILED"}] {check["check"]}: {value}', flush=True)
+    if args.triton and any('triton' in c['check'] and 'error' in c for c in result['correctness']):
+        args.triton = result['triton']['included'] = False
+        print("# depthwise_impl='triton' raised in the checks: left out of the timings", flush=True)
+    save(result, args.json)
 
     if not args.no_profile:
         print('# where the time goes: one step under torch.profiler; each operator counted once, with '
@@ -439,33 +530,42 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for breakdown in run_breakdowns(args, limit=0.15 * args.budget):
             result['breakdowns'].append(breakdown)
             print_breakdown(breakdown)
+        save(result, args.json)
 
     print('# speed: img/s median (min-max) of the timed steps; "vs ConvNeXt": paired median ratio; '
           'peak MiB: max_memory_allocated during one step above the weights, optimiser state and '
           'input; 1st step s: the first step (compilation included)', flush=True)
     print(HEAD, flush=True)
     for setting in settings(args.tiny, args.quick, not args.no_compile):
-        rows, note = run_setting(setting, args, guard)
+        try:
+            rows, note, failed = run_setting(setting, args, guard)
+        except Exception as exc:  # in the timed steps or the memory count, e.g. out of memory
+            rows, note, failed = [], None, [failure(exc, setting=str(setting), name='(timing)')]
         for row in rows:
             print_row(row)
         result['rows'] += rows
+        for f in failed:
+            print(f'{f["setting"]:<44} {f["name"]:<38} failed: {f["error"]}', flush=True)
+        result['failed_models'] += failed
         if note:
             result['skipped'].append(dict(setting=str(setting), note=note))
             print(f'{str(setting):<44} {note}', flush=True)
         if setting.compiled:
             torch.compiler.reset()  # a fresh cache per setting: no recompilation limit is reached
-        if torch.device(args.device).type == 'cuda':
-            torch.cuda.empty_cache()
+        release(args.device)
+        save(result, args.json)
     result['seconds'] = time.perf_counter() - start
-    failed = [c['check'] for c in result['correctness'] if not c['passed']]
+    result['failed'] = [c['check'] for c in result['correctness'] if not c['passed']] + [
+        f'{b["setting"]}: {m["name"]}' for b in result['breakdowns'] for m in b.get('models', [])
+        if 'error' in m] + [f'{f["setting"]}: {f["name"]}' for f in result['failed_models']]
     print(f'# {len(result["rows"])} rows, {len(result["skipped"])} settings skipped, '
-          f'{len(failed)} correctness checks failed, {result["seconds"]:.0f} s', flush=True)
+          f'{sum(not c["passed"] for c in result["correctness"])} correctness checks failed, '
+          f'{len(result["failed"])} failures in all, {result["seconds"]:.0f} s', flush=True)
+    save(result, args.json)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=1, default=str)
         print(f'# results: {args.json}', flush=True)
     return result
 
 
 if __name__ == '__main__':
-    sys.exit(1 if any(not c['passed'] for c in main()['correctness']) else 0)
+    sys.exit(1 if main()['failed'] else 0)

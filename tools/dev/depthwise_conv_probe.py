@@ -31,7 +31,6 @@ and gpu_benchmark.py's training rows show that it pays.
 """
 import argparse
 import json
-import os
 import os.path as osp
 import statistics
 import sys
@@ -109,7 +108,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def check_triton(device: str, dtype: torch.dtype, shapes: Sequence[Tuple[int, int, int, int, int]]
                  ) -> List[Dict[str, Any]]:
-    """The Triton directions against fp64 on fresh random data, every config."""
+    """The Triton directions against fp64 on fresh random data, every config.
+    A kernel that raises (one that does not compile or launch here) is a
+    failed check with its error, not the end of the run."""
     results = []
     for n, c, h, w, k in shapes:
         x = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -119,20 +120,43 @@ def check_triton(device: str, dtype: torch.dtype, shapes: Sequence[Tuple[int, in
         # Under the interpreter: the default and the first multi-row block shape.
         configs = FORWARD_CONFIGS if device != 'cpu' else \
             [c for i, c in enumerate(FORWARD_CONFIGS) if i == 0 or c[0] > 1][:2]
-        for config in configs:
-            for name, got in (('forward', triton_forward(x, weight, config)),
-                              ('input grad', triton_input_grad(dy, weight, config))):
-                results.append(dict(shape=(n, c, h, w, k), direction=name, config=config,
-                                    error=relative_error(got, want[name]),
-                                    layout=got.is_contiguous(memory_format=torch.channels_last)))
-        for config in WGRAD_CONFIGS[:1 if device == 'cpu' else None]:
-            got = triton_weight_grad(x, dy, k, config)
-            results.append(dict(shape=(n, c, h, w, k), direction='weight grad', config=config,
-                                error=relative_error(got, want['weight grad']), layout=True))
+        runs = [(name, config, fn) for config in configs
+                for name, fn in (('forward', lambda cf=config: triton_forward(x, weight, cf)),
+                                 ('input grad', lambda cf=config: triton_input_grad(dy, weight, cf)))]
+        runs += [('weight grad', config, lambda cf=config: triton_weight_grad(x, dy, k, cf))
+                 for config in WGRAD_CONFIGS[:1 if device == 'cpu' else None]]
+        for name, config, fn in runs:
+            row = dict(shape=(n, c, h, w, k), direction=name, config=config)
+            try:
+                got = fn()
+            except Exception as exc:
+                row.update(error=float('inf'), layout=False, raised=one_line(exc))
+            else:
+                row.update(error=relative_error(got, want[name]),
+                           layout=name == 'weight grad' or got.is_contiguous(memory_format=torch.channels_last))
+            results.append(row)
     limit = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 data, fp32 sums: the output's rounding
     for r in results:
         r['passed'] = r['error'] <= limit and r['layout']
     return results
+
+
+def one_line(exc: Exception) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    message = str(exc).strip().splitlines()
+    return f'{type(exc).__name__}: {message[0][:300] if message else ""}'
+
+
+def passing_configs(checks: Sequence[Dict[str, Any]]) -> Dict[str, List[Tuple[int, ...]]]:
+    """The block shapes whose every check passed, per kernel: ``'forward'``
+    (forward and input gradient share it) and ``'weight grad'``. Only these
+    are timed."""
+    def good(kernel: str, configs: Sequence[Sequence[int]]) -> List[Tuple[int, ...]]:
+        mine = [c for c in checks if (c['direction'] == 'weight grad') == (kernel == 'weight grad')]
+        return [tuple(cf) for cf in configs if any(tuple(c['config']) == tuple(cf) for c in mine)
+                and all(c['passed'] for c in mine if tuple(c['config']) == tuple(cf))]
+
+    return {'forward': good('forward', FORWARD_CONFIGS), 'weight grad': good('weight grad', WGRAD_CONFIGS)}
 
 
 # ---------------------------------------------------------------------------- offline
@@ -204,9 +228,10 @@ def time_ms(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
     return statistics.median(samples)
 
 
-def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtype, with_triton: bool,
-               repeats: int = 20) -> Dict[str, Dict[str, Any]]:
-    """``{implementation: {direction: ms}}`` for one layer shape."""
+def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtype,
+               configs: Optional[Dict[str, List[Tuple[int, ...]]]], repeats: int = 20) -> Dict[str, Dict[str, Any]]:
+    """``{implementation: {direction: ms}}`` for one layer shape; the Triton
+    kernels in ``configs`` (:func:`passing_configs`; None: not timed)."""
     x = torch.randn(n, c, side, side, device=device, dtype=dtype)
     weight = torch.randn(c, 1, k, k, device=device, dtype=dtype)
     dy = torch.randn_like(x)
@@ -216,16 +241,16 @@ def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtyp
         xl, dyl = x.contiguous(memory_format=layout), dy.contiguous(memory_format=layout)
         fns = torch_directions(xl, weight)
         out[label] = {d: time_ms(lambda f=f: f(dyl), device, repeats) for d, f in fns.items()}
-    if with_triton:
+    if configs:
         xl, dyl = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
         best: Dict[str, Any] = {}
-        for config in FORWARD_CONFIGS:
+        for config in configs['forward']:
             for d, fn in (('forward', lambda cf=config: triton_forward(xl, weight, cf)),
                           ('input grad', lambda cf=config: triton_input_grad(dyl, weight, cf))):
                 ms = time_ms(fn, device, repeats)
                 if ms < best.get(d, (float('inf'),))[0]:
                     best[d] = (ms, config)
-        for config in WGRAD_CONFIGS:
+        for config in configs['weight grad']:
             ms = time_ms(lambda cf=config: triton_weight_grad(xl, dyl, k, cf), device, repeats)
             if ms < best.get('weight grad', (float('inf'),))[0]:
                 best['weight grad'] = (ms, config)
@@ -234,12 +259,16 @@ def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtyp
     return out
 
 
-def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False, with_triton: bool = True
-          ) -> Dict[str, Any]:
+def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False,
+          configs: Optional[Dict[str, List[Tuple[int, ...]]]] = None) -> Dict[str, Any]:
     """Every layer shape of :data:`LAYERS` at :data:`SHAPES` (``tiny``:
-    :data:`TINY_LAYERS` at :data:`TINY_SHAPES`, one timed call: the code paths only)."""
-    start, rows, totals = time.perf_counter(), [], {}
-    with_triton = with_triton and dw.AVAILABLE
+    :data:`TINY_LAYERS` at :data:`TINY_SHAPES`, one timed call: the code
+    paths only); the Triton kernels in ``configs`` (:func:`passing_configs`)
+    too. A per-model sum counts an implementation only where it timed every
+    direction of every layer."""
+    start, rows, totals, incomplete = time.perf_counter(), [], {}, set()
+    configs = configs if dw.AVAILABLE else None
+    directions = {'forward', 'input grad', 'weight grad'}
     for model, k, stages in (TINY_LAYERS if tiny else LAYERS):
         for batch, side in (TINY_SHAPES if tiny else SHAPES):
             key = f'{model} {k}x{k}, batch {batch} at {side}x{side}'
@@ -248,18 +277,27 @@ def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False, wi
                     rows.append(dict(layer=key, stage=s + 1, skipped=f'over the {budget:.0f} s budget'))
                     continue
                 hw = side // 2 ** (s + 2)
-                times = time_layer(batch, c, hw, k, device, dtype, with_triton, 1 if tiny else 20)
-                flop = 2 * k * k * batch * c * hw * hw
                 row = dict(layer=key, stage=s + 1, shape=[batch, c, hw, hw], kernel=k, blocks=blocks,
-                           gflop=flop / 1e9, times=times)
+                           gflop=2 * k * k * batch * c * hw * hw / 1e9)
+                try:
+                    row['times'] = time_layer(batch, c, hw, k, device, dtype, configs, 1 if tiny else 20)
+                except Exception as exc:  # e.g. out of memory: the other layers still count
+                    row['raised'] = one_line(exc)
+                    print(f'{key:<44} stage {s + 1}: raised {row["raised"]}', flush=True)
+                    rows.append(row)
+                    incomplete.add(key)
+                    continue
                 rows.append(row)
                 print_row(row)
-                for impl, t in times.items():
+                for impl, t in row['times'].items():
                     total = totals.setdefault(key, {}).setdefault(impl, 0.0)
-                    totals[key][impl] = total + blocks * sum(v for d, v in t.items() if d != 'configs')
+                    totals[key][impl] = total + blocks * sum(t[d] for d in directions) \
+                        if total is not None and directions <= set(t) else None
             if key in totals:
                 print(f'  {key}: all blocks, forward + both gradients: ' + ', '.join(
-                    f'{impl} {ms:.2f} ms' for impl, ms in totals[key].items()), flush=True)
+                    f'{impl} {ms:.2f} ms' if ms is not None else f'{impl} (not every direction)'
+                    for impl, ms in totals[key].items())
+                    + (' (a layer raised: sums incomplete)' if key in incomplete else ''), flush=True)
     return dict(rows=rows, totals=totals)
 
 
@@ -320,16 +358,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             for check in check_triton(args.device, dt, shapes):
                 check['dtype'] = str(dt)
                 result['checks'].append(check)
+                outcome = f'raised {check["raised"]}' if 'raised' in check else \
+                    f'relative error {check["error"]:.1e}'
                 print(f'  [{"ok" if check["passed"] else "FAILED"}] Triton {check["direction"]}, '
-                      f'{check["dtype"]}, shape {check["shape"]}, config {check["config"]}: '
-                      f'relative error {check["error"]:.1e}', flush=True)
+                      f'{check["dtype"]}, shape {check["shape"]}, config {check["config"]}: {outcome}', flush=True)
     failed = [c for c in result['checks'] if not c['passed']]
     if not cpu or args.tiny:
         torch.backends.cudnn.benchmark = True
-        if failed:  # a kernel that failed its check is not timed
-            print('# a Triton check failed: timing cuDNN and PyTorch only', flush=True)
+        configs = passing_configs(result['checks'])
+        if failed:  # a block shape that failed a check is not timed
+            print(f'# Triton checks failed: timing only the block shapes that passed, {configs}', flush=True)
         left = args.budget - (time.perf_counter() - start)
-        result.update(probe(args.device, dtype, left, args.tiny, with_triton=not failed))
+        result.update(probe(args.device, dtype, left, args.tiny, configs))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f, indent=1, default=str)

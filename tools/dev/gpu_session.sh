@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run for the GPU work, as one command
-# that fits one device call (about 8 minutes on an H200, start-up not
-# counted) and leaves its logs in OUTDIR:
+# that fits one device call (at most about 7.5 minutes, start-up not counted,
+# so that a 15-minute device budget leaves room to start again and rerun
+# something shorter) and leaves its logs in OUTDIR:
 #   1. mmengine and its small pure-Python needs from ./wheelhouse (made on a
 #      connected machine by tools/analysis/make_wheelhouse.sh), installed
 #      into a folder of their own;
 #   2. tools/dev/depthwise_conv_probe.py: the depthwise convolutions per
 #      direction, cuDNN against PyTorch's kernel and the Triton candidate;
 #   3. tools/analysis/gpu_benchmark.py: correctness, where the time goes, and
-#      the speed and memory table.
+#      the speed and memory table;
+#   4. the CUDA-only tests (tests/test_gpu_paths.py -k cuda), never run
+#      elsewhere, in what time is left (CUDA_TESTS_TIMEOUT).
+# Each step runs whatever the one before it did; the logs and JSON files are
+# written as they go, so a run stopped from outside leaves what it measured.
 #
 #   bash tools/dev/gpu_session.sh OUTDIR           # on the GPU machine
 #   bash tools/dev/gpu_session.sh OUTDIR --cpu     # every step at tiny shapes on a CPU, first
 #
-# Budgets: PROBE_BUDGET (default 90 s, the probe's checks and timings) and
-# BENCHMARK_BUDGET (default 360 s, the benchmark's own time guard).
+# Budgets: PROBE_BUDGET (default 75 s, the probe's checks and timings),
+# BENCHMARK_BUDGET (default 270 s, the benchmark's own time guard) and
+# CUDA_TESTS_TIMEOUT (default 60 s).
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUTDIR [--cpu]}
 cpu=0
@@ -41,10 +47,13 @@ if [ $cpu = 1 ]; then
     python3 tools/analysis/gpu_benchmark.py --device cpu --tiny --json "$out/gpu_benchmark.json" 2>&1 \
         | tee "$out/gpu_benchmark.log" || status=1
 else
-    python3 tools/dev/depthwise_conv_probe.py --budget "${PROBE_BUDGET:-90}" --json "$out/depthwise.json" 2>&1 \
+    python3 tools/dev/depthwise_conv_probe.py --budget "${PROBE_BUDGET:-75}" --json "$out/depthwise.json" 2>&1 \
         | tee "$out/depthwise.log" || status=1
-    python3 tools/analysis/gpu_benchmark.py --budget "${BENCHMARK_BUDGET:-360}" \
+    python3 tools/analysis/gpu_benchmark.py --budget "${BENCHMARK_BUDGET:-270}" \
         --json "$out/gpu_benchmark.json" 2>&1 | tee "$out/gpu_benchmark.log" || status=1
 fi
+# (On a CPU these skip: the command itself is what --cpu checks.)
+timeout "${CUDA_TESTS_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_paths.py \
+    -k cuda 2>&1 | tee "$out/cuda_tests.log" || status=1
 rm -rf "$site"
 exit $status
