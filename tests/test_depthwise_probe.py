@@ -128,3 +128,27 @@ def test_only_block_shapes_that_passed_every_check_are_timed():
               dict(direction='input grad', config=other, passed=False),
               dict(direction='weight grad', config=probe['WGRAD_CONFIGS'][0], passed=False)]
     assert probe['passing_configs'](checks) == {'forward': [tuple(default)], 'weight grad': []}
+
+
+def test_a_layer_that_raises_is_reported_and_the_sums_say_so(capsys):
+    """A layer whose timing raises (say, out of memory) is a row with the
+    error; the other layers are timed, and the per-model sum that misses it
+    says it is incomplete."""
+    probe = runpy.run_path(PROBE)
+    time_layer, calls = probe['time_layer'], []
+
+    def first_raises(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError('planted failure')
+        return time_layer(*args, **kwargs)
+
+    probe['probe'].__globals__['time_layer'] = first_raises
+    import torch
+    result = probe['probe']('cpu', torch.float32, budget=600, tiny=True, configs=None)
+    raised = [r for r in result['rows'] if 'raised' in r]
+    assert [r['raised'] for r in raised] == ['RuntimeError: planted failure']
+    assert len(result['rows']) == len(calls) == 3 and all('times' in r for r in result['rows'] if r not in raised)
+    out = capsys.readouterr().out
+    assert 'raised RuntimeError: planted failure' in out and 'sums incomplete' in out
+    assert result['incomplete'] == ['tiny 3x3, batch 1 at 36x36']

@@ -293,12 +293,12 @@ def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False,
                     total = totals.setdefault(key, {}).setdefault(impl, 0.0)
                     totals[key][impl] = total + blocks * sum(t[d] for d in directions) \
                         if total is not None and directions <= set(t) else None
-            if key in totals:
+            if key in totals or key in incomplete:
                 print(f'  {key}: all blocks, forward + both gradients: ' + ', '.join(
                     f'{impl} {ms:.2f} ms' if ms is not None else f'{impl} (not every direction)'
-                    for impl, ms in totals[key].items())
+                    for impl, ms in totals.get(key, {}).items())
                     + (' (a layer raised: sums incomplete)' if key in incomplete else ''), flush=True)
-    return dict(rows=rows, totals=totals)
+    return dict(rows=rows, totals=totals, incomplete=sorted(incomplete))
 
 
 def print_row(row: Dict[str, Any]) -> None:
@@ -373,7 +373,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f, indent=1, default=str)
-    result['failed'] = len(failed)
+    # Checks that failed and layers that raised: a kernel that faults on the
+    # real shapes may have left the GPU unusable, so gpu_session.sh then runs
+    # the benchmark without the Triton variant.
+    result['failed'] = len(failed) + sum('raised' in r for r in result.get('rows', []))
     return result
 
 
