@@ -42,7 +42,7 @@ def test_triton_kernels_match_fp64_under_the_interpreter(tmp_path, triton_interp
     assert '[FAILED]' not in done.stdout
 
 
-def test_the_check_tells_a_wrong_gradient_from_a_right_one(triton_interpreter):
+def test_the_check_tells_a_wrong_gradient_from_a_right_one():
     """The input gradient through the kernel *unflipped* (a plausible bug)
     is far off the fp64 reference, so the check above can fail."""
     code = f"""
@@ -106,7 +106,7 @@ def test_a_kernel_that_raises_fails_its_check_and_is_not_timed(triton_interprete
 import json, runpy, torch
 probe = runpy.run_path({PROBE!r})
 probe['check_triton'].__globals__['FORWARD_CONFIGS'] = [(1, 16, 32, 4), (4, 12, 32, 4)]
-checks = probe['check_triton']('cpu', torch.float32, [(1, 8, 5, 6, 3)])
+checks = list(probe['check_triton']('cpu', torch.float32, [(1, 8, 5, 6, 3)]))
 print(json.dumps(dict(checks=checks, good=probe['passing_configs'](checks))))
 """
     done = run_python(['-c', code])
@@ -115,7 +115,7 @@ print(json.dumps(dict(checks=checks, good=probe['passing_configs'](checks))))
     bad = [c for c in result['checks'] if not c['passed']]
     assert {(c['direction'], tuple(c['config'])) for c in bad} == {('forward', (4, 12, 32, 4)),
                                                                    ('input grad', (4, 12, 32, 4))}
-    assert all(c['raised'] for c in bad)
+    assert all(c['raised'] and c['error'] is None for c in bad)
     assert result['good'] == {'forward': [[1, 16, 32, 4]], 'weight grad': [[8, 32, 4]]}
 
 
@@ -152,3 +152,39 @@ def test_a_layer_that_raises_is_reported_and_the_sums_say_so(capsys):
     out = capsys.readouterr().out
     assert 'raised RuntimeError: planted failure' in out and 'sums incomplete' in out
     assert result['incomplete'] == ['tiny 3x3, batch 1 at 36x36']
+
+
+def test_layers_skipped_for_the_budget_leave_the_sums_marked_incomplete():
+    import torch
+    probe = runpy.run_path(PROBE)
+    result = probe['probe']('cpu', torch.float32, budget=0, tiny=True, configs=None)
+    assert result['rows'] and all('skipped' in r for r in result['rows'])
+    assert result['incomplete'] == ['tiny 3x3, batch 1 at 36x36', 'tiny 5x5, batch 1 at 36x36']
+
+
+def test_the_benchmark_times_triton_only_if_the_packages_block_shapes_passed():
+    """gpu_session.sh runs the benchmark with --no-triton unless the block
+    shapes the package uses passed every check and raised at no layer."""
+    probe = runpy.run_path(PROBE)
+    fwd, wgrad = tuple(probe['FORWARD_CONFIGS'][0]), tuple(probe['WGRAD_CONFIGS'][0])
+    other = tuple(probe['FORWARD_CONFIGS'][1])
+
+    def result(failing=(), rows=(), **extra):
+        checks = [dict(direction=d, config=cf, passed=(d, cf) not in failing)
+                  for cf in (fwd, other) for d in ('forward', 'input grad')]
+        checks.append(dict(direction='weight grad', config=wgrad, passed=('weight grad', wgrad) not in failing))
+        return dict(checks=checks, rows=list(rows), **extra)
+
+    def triton_row(direction, config):
+        raised = [dict(direction=direction, config=config, error='RuntimeError: x')]
+        return dict(times={'Triton, channels-last': dict(raised=raised)})
+
+    ok = probe['triton_default_ok']
+    assert ok(result())
+    assert ok(result(failing=[('input grad', other)], rows=[triton_row('forward', other)]))  # not the package's
+    assert not ok(result(failing=[('input grad', fwd)]))
+    assert not ok(result(failing=[('weight grad', wgrad)]))
+    assert not ok(result(rows=[triton_row('input grad', fwd)]))
+    assert not ok(result(rows=[triton_row('weight grad', wgrad)]))
+    assert not ok(result(rows=[dict(raised='RuntimeError: out of memory')]))
+    assert not ok(result(device_lost='RuntimeError: illegal memory access'))

@@ -197,6 +197,46 @@ def test_a_failing_model_costs_only_its_own_rows(tool, tmp_path, capsys, monkeyp
     assert [c['check'] for c in result['correctness'] if not c['passed']] == []
 
 
+def test_without_the_convnext_the_rows_stand_without_ratios(tool, monkeypatch, capsys):
+    needs_convnext()
+    models_for = tool['models_for']
+
+    def broken_convnext(*args, **kwargs):
+        return [m if m[0] != 'convnext' else ('convnext', m[1], Broken()) for m in models_for(*args, **kwargs)]
+
+    monkeypatch.setitem(tool['main'].__globals__, 'models_for', broken_convnext)
+    result = tool['main'](['--device', 'cpu', '--tiny', '--no-compile', '--no-profile'])
+    settings = tool['settings'](tiny=True, quick=False, with_compile=False)
+    assert len(result['rows']) == 2 * len(settings) and len(result['failed_models']) == len(settings)
+    assert all(r['speed_vs_convnext'] is None and r['memory_vs_convnext'] is None for r in result['rows'])
+    assert 'Conv2Former-custom recompute-off' in capsys.readouterr().out
+
+
+def test_a_gpu_that_stops_answering_ends_the_run_with_what_it_has(tool, tmp_path, monkeypatch, capsys):
+    """After a failure, a GPU that no longer answers (CUDA errors are
+    sticky) ends the run: the results so far are saved, the loss is the
+    last failure listed, and nothing after it is attempted."""
+    needs_convnext()
+    models_for, DeviceLost = tool['models_for'], tool['DeviceLost']
+
+    def with_broken(*args, **kwargs):
+        models = models_for(*args, **kwargs)
+        return models[:-1] + [('broken', 'Broken', Broken())] + models[-1:]
+
+    def lost(device):
+        raise DeviceLost('RuntimeError: planted loss')
+
+    monkeypatch.setitem(tool['main'].__globals__, 'models_for', with_broken)
+    monkeypatch.setitem(tool['main'].__globals__, 'release', lost)
+    path = str(tmp_path / 'gpu.json')
+    result = tool['main'](['--device', 'cpu', '--tiny', '--no-compile', '--no-profile', '--json', path])
+    assert result['device_lost'] == 'RuntimeError: planted loss' and not result['rows']
+    assert result['failed'][-1] == 'GPU lost: RuntimeError: planted loss'
+    assert all(c['passed'] for c in result['correctness'])  # what came before stands
+    assert json.load(open(path))['device_lost'] == result['device_lost']
+    assert 'the GPU stopped answering' in capsys.readouterr().out
+
+
 def test_a_failing_check_is_reported_and_the_rest_runs(tool, monkeypatch, capsys):
     """A check that raises becomes a failed check with its error; the
     checks after it and the timings still run."""
@@ -228,6 +268,33 @@ def test_a_triton_variant_that_raises_is_left_out_of_the_timings(tool, monkeypat
     assert result['triton']['included'] is False and result['rows']
     assert not any('triton' in r['name'] for r in result['rows'])
     assert "raised in the checks: left out of the timings" in capsys.readouterr().out
+
+
+def test_a_compiled_setting_short_of_time_times_what_it_compiled(tool):
+    """Conv2Former and the ConvNeXt compile first; a model the time guard
+    has no room for is named in the note, and the others are timed."""
+    needs_convnext()
+
+    class TwoCompilesLeft:
+        def __init__(self):
+            self.compile_s, self.step_s, self.calls = {}, {}, 0
+
+        def estimate(self, setting, cases, steps):
+            return 0.0
+
+        def left(self):
+            return 100.0
+
+        def compile_estimate(self, mode):
+            self.calls += 1
+            return 0.0 if self.calls <= 2 else 1e9
+
+    args = tool['parse_args'](['--device', 'cpu', '--tiny'])
+    setting = tool['Setting']('train', 'bf16', 2, 64, True)
+    rows, note, failed = tool['run_setting'](setting, args, TwoCompilesLeft())
+    assert [r['key'] for r in rows] == ['conv2former', 'convnext'] and not failed
+    assert note == 'no time to compile Conv2Former-custom recompute-off'
+    assert rows[-1]['speed_vs_convnext'] == 1.0
 
 
 def test_time_guard_skips_what_does_not_fit(tool, capsys):

@@ -12,6 +12,7 @@ ratios are the median of the per-repeat ratios (paired), in which such drift
 cancels; a table of medians taken separately would keep it.
 """
 import contextlib
+import gc
 import json
 import os
 import os.path as osp
@@ -67,6 +68,46 @@ def describe(info: Dict[str, Any]) -> str:
 def synchronize(device: Union[str, torch.device]) -> None:
     if torch.device(device).type == 'cuda':
         torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- failures
+# A first run on a new GPU may meet what no CPU run shows (a kernel that does
+# not compile, a compiled graph that fails, memory running out); the GPU tools
+# report such a part and go on, unless the GPU itself stopped answering.
+class DeviceLost(BaseException):
+    """The GPU no longer answers: a kernel faulted, and CUDA errors are
+    sticky, so every later part would fail the same way. A BaseException so
+    that the handlers which keep a run going past one failing part let it
+    through to the tool's top level, which saves what it has and stops."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    message = str(exc).strip().splitlines()
+    return f'{type(exc).__name__}: {message[0][:300] if message else ""}'
+
+
+def save_results(result: Dict[str, Any], path: Optional[str]) -> None:
+    """Write a tool's results so far to ``path`` (if given), whole or not at
+    all (through a temporary file): the GPU tools save after every part, so
+    a run stopped from outside still leaves what it measured."""
+    if path:
+        with open(path + '.tmp', 'w') as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(path + '.tmp', path)
+
+
+def release(device: Union[str, torch.device]) -> None:
+    """After a part failed: free what it left behind (its tensors and, on a
+    GPU, the allocator's cached blocks), and raise :class:`DeviceLost` if the
+    GPU no longer answers."""
+    gc.collect()
+    if torch.device(device).type == 'cuda':
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            raise DeviceLost(one_line(exc)) from exc
 
 
 # ----------------------------------------------------------------------------- models

@@ -45,10 +45,7 @@ failed.
 """
 import argparse
 import copy
-import gc
-import json
 import math
-import os
 import os.path as osp
 import sys
 import time
@@ -61,9 +58,10 @@ import torch.nn as nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
 
-from mmconv2former.engine.profiling import (Case, TrainStep, autocast, build_conv2former,  # noqa: E402
-                                            build_models, convnext_label, describe, gradients, machine,
-                                            make_step, mean_square_of_outputs, paired_ratio, peak_memory,
+from mmconv2former.engine.profiling import (Case, DeviceLost, TrainStep, autocast,  # noqa: E402
+                                            build_conv2former, build_models, convnext_label, describe,
+                                            gradients, machine, make_step, mean_square_of_outputs,
+                                            one_line, paired_ratio, peak_memory, release, save_results,
                                             summarise, synchronize, time_interleaved)
 from mmconv2former.engine.breakdown import step_breakdown  # noqa: E402
 from mmconv2former.models import Conv2FormerBlock  # noqa: E402
@@ -143,20 +141,11 @@ def on_device(model: nn.Module, device: str, compiled: bool, backend: str) -> nn
 # ---------------------------------------------------------------------------- failures
 def failure(exc: Exception, **fields) -> Dict[str, Any]:
     """What a part that raised leaves in the results: the error in one line
-    (type and first line of the message) and the traceback's end. On a first
-    run on a new GPU one failing part (a kernel that does not compile, an
-    out-of-memory error) must not cost the rest of the run."""
-    message = str(exc).strip().splitlines()
-    return dict(fields, error=f'{type(exc).__name__}: {message[0][:300] if message else ""}',
-                traceback=traceback.format_exc()[-3000:])
-
-
-def release(device: str) -> None:
-    """Free what a failed part left behind: its tensors and, on a GPU, the
-    allocator's cached blocks."""
-    gc.collect()
-    if torch.device(device).type == 'cuda':
-        torch.cuda.empty_cache()
+    and the traceback's end. On a first run on a new GPU one failing part (a
+    kernel that does not compile, an out-of-memory error) must not cost the
+    rest of the run; after it, :func:`release` frees what it left, or raises
+    :class:`DeviceLost` if the GPU stopped answering."""
+    return dict(fields, error=one_line(exc), traceback=traceback.format_exc()[-3000:])
 
 
 # ---------------------------------------------------------------------------- correctness
@@ -182,27 +171,29 @@ def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = Fals
     for dtype in ('fp32', 'bf16', 'fp16'):
         expected = gradients(reference, x, dtype, loss_fn=mean_square_of_outputs)
         for label, model in models.items():
-            try:
+            triton_kernels = 'triton' in label
+            limit, what = ((TRITON_TOLERANCE[dtype], 'worst parameter, floored') if triton_kernels
+                           else (GRAD_TOLERANCE[dtype], 'worst parameter'))
+            check = f'gradients {label} vs recompute=False, {dtype} ({what})'
+            try:  # (a GPU kernel's fault shows at the first synchronisation: in here too)
                 got = gradients(model, x, dtype, loss_fn=mean_square_of_outputs)
+                finite = all(torch.isfinite(g).all() for g in got.values())
+                missing = sorted(set(expected) - set(got))
+                names = [n for n in expected if n in got]
+                if triton_kernels:  # other kernels: each tensor, against a floor of the whole gradient's size
+                    floor = 1e-3 * torch.cat([expected[n].flatten() for n in names]).norm()
+                    error = max(((got[n] - expected[n]).norm() / torch.maximum(expected[n].norm(), floor)).item()
+                                for n in names)
+                else:  # the same kernels: every parameter tensor on its own
+                    error = max(((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-30)).item()
+                                for n in names)
             except Exception as exc:  # e.g. a Triton kernel that does not compile here
-                results.append(failure(exc, check=f'gradients {label} vs recompute=False, {dtype}',
-                                       passed=False))
-                release(str(x.device))
+                results.append(failure(exc, check=check, passed=False))
+                got = None
+                release(x.device)
                 continue
-            finite = all(torch.isfinite(g).all() for g in got.values())
-            missing = sorted(set(expected) - set(got))
-            names = [n for n in expected if n in got]
-            if 'triton' in label:  # other kernels: each tensor, against a floor of the whole gradient's size
-                floor = 1e-3 * torch.cat([expected[n].flatten() for n in names]).norm()
-                error = max(((got[n] - expected[n]).norm() / torch.maximum(expected[n].norm(), floor)).item()
-                            for n in names)
-                limit, what = TRITON_TOLERANCE[dtype], 'worst parameter, floored'
-            else:  # the same kernels: every parameter tensor on its own
-                error = max(((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-30)).item()
-                            for n in names)
-                limit, what = GRAD_TOLERANCE[dtype], 'worst parameter'
-            results.append(dict(check=f'gradients {label} vs recompute=False, {dtype} ({what})', value=error,
-                                limit=limit, passed=finite and not missing and error <= limit))
+            results.append(dict(check=check, value=error, limit=limit,
+                                passed=finite and not missing and error <= limit))
     return results
 
 
@@ -370,20 +361,27 @@ class Guard:
 
 def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard
                 ) -> Tuple[List[dict], Optional[str], List[dict]]:
-    """Rows of one setting; a note why it was skipped or stopped, or None;
+    """Rows of one setting; a note why it was skipped or cut short, or None;
     and the models that failed (:func:`failure`), which leave the others'
-    rows standing."""
+    rows standing.
+
+    A compiled setting needs time for two compilations to start (Conv2Former
+    and the ConvNeXt, compiled first); the other models follow while the
+    time guard allows, and what was compiled is timed either way."""
     steps = args.warmup + args.repeats + 1
-    estimate = guard.estimate(setting, 4 if args.triton and not setting.compiled else 3, steps)
+    models = models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton)
+    estimate = guard.estimate(setting, 2 if setting.compiled else len(models), steps)
     if estimate > guard.left():
         return [], f'skipped: needs about {estimate:.0f} s, {max(guard.left(), 0):.0f} s of the budget left', []
-    models = models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton)
+    order = sorted(models, key=lambda m: {'conv2former': 0, 'convnext': 1}.get(m[0], 2)) if setting.compiled \
+        else models
     x = torch.randn(setting.batch, 3, setting.side, setting.side, device=args.device)
     x = x.contiguous(memory_format=torch.channels_last)
-    cases, first_step, failed = [], {}, []
-    for i, (key, label, model) in enumerate(models):
+    cases, first_step, failed, left_out = [], {}, [], []
+    for key, label, model in order:
         if setting.compiled and guard.compile_estimate(setting.mode) > guard.left():
-            return [], f'stopped: no time to compile model {i + 1} of {len(models)}', failed
+            left_out.append(label)
+            continue
         try:
             net = on_device(model, args.device, setting.compiled, args.backend)
             step = make_step(net, x, setting.mode == 'train', setting.dtype)
@@ -399,8 +397,10 @@ def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard
         if setting.compiled:
             guard.compile_s[setting.mode] = max(guard.compile_s.get(setting.mode, 0.0), first_step[label])
         cases.append(Case(label, step, setting.batch, key))
+    note = f'no time to compile {", ".join(left_out)}' if left_out else None
     if not cases:
-        return [], 'failed: no model ran', failed
+        return [], note or 'failed: no model ran', failed
+    cases.sort(key=lambda c: [m[1] for m in models].index(c.name))  # the table's order
     time_interleaved(cases, args.repeats, args.warmup - 1, 1, args.device)
     base = next((c for c in cases if c.key == 'convnext'), None)
     # Memory on a GPU only: what max_memory_allocated says (on a CPU the
@@ -418,7 +418,7 @@ def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard
     base_mib = next((r['peak_mib'] for r in rows if r['key'] == 'convnext'), None)
     for row in rows:
         row['memory_vs_convnext'] = row['peak_mib'] / base_mib if cuda and base_mib else None
-    return rows, None, failed
+    return rows, note, failed
 
 
 HEAD = (f'{"setting":<44} {"model":<38} {"img/s":>9} {"(min-max)":>19} {"vs ConvNeXt":>11} '
@@ -437,15 +437,6 @@ def print_row(row: Dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- main
-def save(result: Dict[str, Any], path: Optional[str]) -> None:
-    """Write the results so far (after every part: a run stopped from
-    outside still leaves what it measured)."""
-    if path:
-        with open(path + '.tmp', 'w') as f:
-            json.dump(result, f, indent=1, default=str)
-        os.replace(path + '.tmp', path)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda', help='cuda (default), or cpu to check the paths')
@@ -507,7 +498,29 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f'(Triton {triton_version}; kernel blocks {depthwise_conv.FORWARD_CONFIG}, '
           f'{depthwise_conv.WEIGHT_GRAD_CONFIG})', flush=True)
     result['triton'] = dict(included=args.triton, version=triton_version)
+    save_results(result, args.json)
+    try:
+        run_parts(args, guard, result)
+    except DeviceLost as exc:  # the results so far stand; nothing more can run on this GPU
+        result['device_lost'] = str(exc)
+        print(f'# the GPU stopped answering after a failure ({exc}): stopping here', flush=True)
+    result['seconds'] = time.perf_counter() - start
+    result['failed'] = [c['check'] for c in result['correctness'] if not c['passed']] + [
+        f'{b["setting"]}: {m["name"]}' for b in result['breakdowns'] for m in b.get('models', [])
+        if 'error' in m] + [f'{f["setting"]}: {f["name"]}' for f in result['failed_models']] + (
+        [f'GPU lost: {result["device_lost"]}'] if 'device_lost' in result else [])
+    print(f'# {len(result["rows"])} rows, {len(result["skipped"])} settings skipped, '
+          f'{sum(not c["passed"] for c in result["correctness"])} correctness checks failed, '
+          f'{len(result["failed"])} failures in all, {result["seconds"]:.0f} s', flush=True)
+    save_results(result, args.json)
+    if args.json:
+        print(f'# results: {args.json}', flush=True)
+    return result
 
+
+def run_parts(args: argparse.Namespace, guard: Guard, result: Dict[str, Any]) -> None:
+    """Correctness, where the time goes, then speed and memory, into
+    ``result`` as they come (saved after each)."""
     side = 64 if args.tiny else 224
     print('# correctness (gradients: |g - g_ref| / |g_ref| of the worst parameter tensor, or of all '
           'parameters as one vector)', flush=True)
@@ -519,9 +532,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             value = f'{check["value"]:.2e} (limit {check["limit"]:g})' if 'limit' in check else check['value']
         print(f'  [{"ok" if check["passed"] else "FAILED"}] {check["check"]}: {value}', flush=True)
     if args.triton and any('triton' in c['check'] and 'error' in c for c in result['correctness']):
-        args.triton = result['triton']['included'] = False
+        args.triton = result['triton']['included'] = result['settings']['triton'] = False
         print("# depthwise_impl='triton' raised in the checks: left out of the timings", flush=True)
-    save(result, args.json)
+    save_results(result, args.json)
 
     if not args.no_profile:
         print('# where the time goes: one step under torch.profiler; each operator counted once, with '
@@ -530,7 +543,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for breakdown in run_breakdowns(args, limit=0.15 * args.budget):
             result['breakdowns'].append(breakdown)
             print_breakdown(breakdown)
-        save(result, args.json)
+        save_results(result, args.json)
 
     print('# speed: img/s median (min-max) of the timed steps; "vs ConvNeXt": paired median ratio; '
           'peak MiB: max_memory_allocated during one step above the weights, optimiser state and '
@@ -553,18 +566,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if setting.compiled:
             torch.compiler.reset()  # a fresh cache per setting: no recompilation limit is reached
         release(args.device)
-        save(result, args.json)
-    result['seconds'] = time.perf_counter() - start
-    result['failed'] = [c['check'] for c in result['correctness'] if not c['passed']] + [
-        f'{b["setting"]}: {m["name"]}' for b in result['breakdowns'] for m in b.get('models', [])
-        if 'error' in m] + [f'{f["setting"]}: {f["name"]}' for f in result['failed_models']]
-    print(f'# {len(result["rows"])} rows, {len(result["skipped"])} settings skipped, '
-          f'{sum(not c["passed"] for c in result["correctness"])} correctness checks failed, '
-          f'{len(result["failed"])} failures in all, {result["seconds"]:.0f} s', flush=True)
-    save(result, args.json)
-    if args.json:
-        print(f'# results: {args.json}', flush=True)
-    return result
+        save_results(result, args.json)
 
 
 if __name__ == '__main__':

@@ -35,13 +35,14 @@ import os.path as osp
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
 
+from mmconv2former.engine.profiling import DeviceLost, one_line, release, save_results  # noqa: E402
 from mmconv2former.ops import depthwise_conv as dw  # noqa: E402
 
 #: (model, kernel, [(channels, blocks) per stage]) for the two models' depthwise convolutions.
@@ -107,11 +108,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def check_triton(device: str, dtype: torch.dtype, shapes: Sequence[Tuple[int, int, int, int, int]]
-                 ) -> List[Dict[str, Any]]:
-    """The Triton directions against fp64 on fresh random data, every config.
-    A kernel that raises (one that does not compile or launch here) is a
-    failed check with its error, not the end of the run."""
-    results = []
+                 ) -> Iterator[Dict[str, Any]]:
+    """The Triton directions against fp64 on fresh random data, every config,
+    one check at a time. A kernel that raises (one that does not compile or
+    launch here) is a failed check with its error, not the end of the run;
+    :class:`DeviceLost` ends the checks if the GPU stopped answering."""
+    limit = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 data, fp32 sums: the output's rounding
     for n, c, h, w, k in shapes:
         x = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         weight = torch.randn(c, 1, k, k, device=device, dtype=dtype)
@@ -127,24 +129,18 @@ def check_triton(device: str, dtype: torch.dtype, shapes: Sequence[Tuple[int, in
                  for config in WGRAD_CONFIGS[:1 if device == 'cpu' else None]]
         for name, config, fn in runs:
             row = dict(shape=(n, c, h, w, k), direction=name, config=config)
-            try:
+            try:  # (a GPU kernel's fault shows at the first synchronisation: in the error's copy)
                 got = fn()
-            except Exception as exc:
-                row.update(error=float('inf'), layout=False, raised=one_line(exc))
-            else:
                 row.update(error=relative_error(got, want[name]),
                            layout=name == 'weight grad' or got.is_contiguous(memory_format=torch.channels_last))
-            results.append(row)
-    limit = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 data, fp32 sums: the output's rounding
-    for r in results:
-        r['passed'] = r['error'] <= limit and r['layout']
-    return results
-
-
-def one_line(exc: Exception) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    message = str(exc).strip().splitlines()
-    return f'{type(exc).__name__}: {message[0][:300] if message else ""}'
+            except Exception as exc:
+                row.update(error=None, layout=False, raised=one_line(exc), passed=False)
+                got = None
+                yield row
+                release(device)
+                continue
+            row['passed'] = row['error'] <= limit and row['layout']
+            yield row
 
 
 def passing_configs(checks: Sequence[Dict[str, Any]]) -> Dict[str, List[Tuple[int, ...]]]:
@@ -241,21 +237,28 @@ def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtyp
         xl, dyl = x.contiguous(memory_format=layout), dy.contiguous(memory_format=layout)
         fns = torch_directions(xl, weight)
         out[label] = {d: time_ms(lambda f=f: f(dyl), device, repeats) for d, f in fns.items()}
-    if configs:
+    if configs and any(configs.values()):
         xl, dyl = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
         best: Dict[str, Any] = {}
-        for config in configs['forward']:
-            for d, fn in (('forward', lambda cf=config: triton_forward(xl, weight, cf)),
-                          ('input grad', lambda cf=config: triton_input_grad(dyl, weight, cf))):
+        runs = [(d, config, fn) for config in configs['forward']
+                for d, fn in (('forward', lambda cf=config: triton_forward(xl, weight, cf)),
+                              ('input grad', lambda cf=config: triton_input_grad(dyl, weight, cf)))]
+        runs += [('weight grad', config, lambda cf=config: triton_weight_grad(xl, dyl, k, cf))
+                 for config in configs['weight grad']]
+        raised = []
+        for d, config, fn in runs:
+            try:  # one block shape that fails at this layer's size leaves the others' times
                 ms = time_ms(fn, device, repeats)
-                if ms < best.get(d, (float('inf'),))[0]:
-                    best[d] = (ms, config)
-        for config in configs['weight grad']:
-            ms = time_ms(lambda cf=config: triton_weight_grad(xl, dyl, k, cf), device, repeats)
-            if ms < best.get('weight grad', (float('inf'),))[0]:
-                best['weight grad'] = (ms, config)
+            except Exception as exc:
+                raised.append(dict(direction=d, config=tuple(config), error=one_line(exc)))
+                release(device)
+                continue
+            if ms < best.get(d, (float('inf'),))[0]:
+                best[d] = (ms, config)
         out['Triton, channels-last'] = {d: v[0] for d, v in best.items()}
         out['Triton, channels-last']['configs'] = {d: v[1] for d, v in best.items()}
+        if raised:
+            out['Triton, channels-last']['raised'] = raised
     return out
 
 
@@ -265,40 +268,50 @@ def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False,
     :data:`TINY_LAYERS` at :data:`TINY_SHAPES`, one timed call: the code
     paths only); the Triton kernels in ``configs`` (:func:`passing_configs`)
     too. A per-model sum counts an implementation only where it timed every
-    direction of every layer."""
+    direction of every layer; where a layer raised or was skipped for the
+    budget, the model is listed in ``incomplete``. If the GPU stops
+    answering, the layers timed so far are returned with ``device_lost``."""
     start, rows, totals, incomplete = time.perf_counter(), [], {}, set()
+    result = dict(rows=rows, totals=totals)
     configs = configs if dw.AVAILABLE else None
     directions = {'forward', 'input grad', 'weight grad'}
-    for model, k, stages in (TINY_LAYERS if tiny else LAYERS):
-        for batch, side in (TINY_SHAPES if tiny else SHAPES):
-            key = f'{model} {k}x{k}, batch {batch} at {side}x{side}'
-            for s, (c, blocks) in enumerate(stages):
-                if time.perf_counter() - start > budget:
-                    rows.append(dict(layer=key, stage=s + 1, skipped=f'over the {budget:.0f} s budget'))
-                    continue
-                hw = side // 2 ** (s + 2)
-                row = dict(layer=key, stage=s + 1, shape=[batch, c, hw, hw], kernel=k, blocks=blocks,
-                           gflop=2 * k * k * batch * c * hw * hw / 1e9)
-                try:
-                    row['times'] = time_layer(batch, c, hw, k, device, dtype, configs, 1 if tiny else 20)
-                except Exception as exc:  # e.g. out of memory: the other layers still count
-                    row['raised'] = one_line(exc)
-                    print(f'{key:<44} stage {s + 1}: raised {row["raised"]}', flush=True)
+    try:
+        for model, k, stages in (TINY_LAYERS if tiny else LAYERS):
+            for batch, side in (TINY_SHAPES if tiny else SHAPES):
+                key = f'{model} {k}x{k}, batch {batch} at {side}x{side}'
+                for s, (c, blocks) in enumerate(stages):
+                    if time.perf_counter() - start > budget:
+                        rows.append(dict(layer=key, stage=s + 1, skipped=f'over the {budget:.0f} s budget'))
+                        incomplete.add(key)
+                        continue
+                    hw = side // 2 ** (s + 2)
+                    row = dict(layer=key, stage=s + 1, shape=[batch, c, hw, hw], kernel=k, blocks=blocks,
+                               gflop=2 * k * k * batch * c * hw * hw / 1e9)
                     rows.append(row)
-                    incomplete.add(key)
-                    continue
-                rows.append(row)
-                print_row(row)
-                for impl, t in row['times'].items():
-                    total = totals.setdefault(key, {}).setdefault(impl, 0.0)
-                    totals[key][impl] = total + blocks * sum(t[d] for d in directions) \
-                        if total is not None and directions <= set(t) else None
-            if key in totals or key in incomplete:
-                print(f'  {key}: all blocks, forward + both gradients: ' + ', '.join(
-                    f'{impl} {ms:.2f} ms' if ms is not None else f'{impl} (not every direction)'
-                    for impl, ms in totals.get(key, {}).items())
-                    + (' (a layer raised: sums incomplete)' if key in incomplete else ''), flush=True)
-    return dict(rows=rows, totals=totals, incomplete=sorted(incomplete))
+                    try:
+                        row['times'] = time_layer(batch, c, hw, k, device, dtype, configs, 1 if tiny else 20)
+                    except Exception as exc:  # e.g. out of memory: the other layers still count
+                        row['raised'] = one_line(exc)
+                        print(f'{key:<44} stage {s + 1}: raised {row["raised"]}', flush=True)
+                        incomplete.add(key)
+                        release(device)
+                        continue
+                    print_row(row)
+                    for impl, t in row['times'].items():
+                        total = totals.setdefault(key, {}).setdefault(impl, 0.0)
+                        totals[key][impl] = total + blocks * sum(t[d] for d in directions) \
+                            if total is not None and directions <= set(t) else None
+                if key in totals or key in incomplete:
+                    print(f'  {key}: all blocks, forward + both gradients: ' + ', '.join(
+                        f'{impl} {ms:.2f} ms' if ms is not None else f'{impl} (not every direction)'
+                        for impl, ms in totals.get(key, {}).items())
+                        + (' (a layer raised or was skipped: sums incomplete)' if key in incomplete else ''),
+                        flush=True)
+    except DeviceLost as exc:
+        result['device_lost'] = str(exc)
+        print(f'# the GPU stopped answering ({exc}): no more timings', flush=True)
+    result['incomplete'] = sorted(incomplete)
+    return result
 
 
 def print_row(row: Dict[str, Any]) -> None:
@@ -308,6 +321,8 @@ def print_row(row: Dict[str, Any]) -> None:
         cells = '  '.join(f'{d} {t[d]:7.3f} ms ({row["gflop"] / t[d]:6.1f} TFLOP/s)'
                           for d in ('forward', 'input grad', 'weight grad') if d in t)
         print(f'    {impl:<22} {cells}', flush=True)
+        for r in t.get('raised', []):
+            print(f'    {impl:<22} {r["direction"]} {r["config"]}: raised {r["error"]}', flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -354,30 +369,55 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     else:
         shapes = [(2, 40, 9, 19, 5), (1, 24, 7, 7, 3)] if cpu else \
             [(4, 72, 56, 56, 11), (2, 288, 14, 14, 3), (2, 96, 28, 28, 7), (1, 576, 7, 7, 11)]
-        for dt in ([torch.float32, dtype] if dtype != torch.float32 else [dtype]):
-            for check in check_triton(args.device, dt, shapes):
-                check['dtype'] = str(dt)
-                result['checks'].append(check)
-                outcome = f'raised {check["raised"]}' if 'raised' in check else \
-                    f'relative error {check["error"]:.1e}'
-                print(f'  [{"ok" if check["passed"] else "FAILED"}] Triton {check["direction"]}, '
-                      f'{check["dtype"]}, shape {check["shape"]}, config {check["config"]}: {outcome}', flush=True)
+        try:
+            for dt in ([torch.float32, dtype] if dtype != torch.float32 else [dtype]):
+                for check in check_triton(args.device, dt, shapes):
+                    check['dtype'] = str(dt)
+                    result['checks'].append(check)
+                    outcome = f'raised {check["raised"]}' if 'raised' in check else \
+                        f'relative error {check["error"]:.1e}'
+                    print(f'  [{"ok" if check["passed"] else "FAILED"}] Triton {check["direction"]}, '
+                          f'{check["dtype"]}, shape {check["shape"]}, config {check["config"]}: {outcome}',
+                          flush=True)
+        except DeviceLost as exc:
+            result['device_lost'] = str(exc)
+            print(f'# the GPU stopped answering ({exc}): no timings', flush=True)
+        save_results(result, args.json)
     failed = [c for c in result['checks'] if not c['passed']]
-    if not cpu or args.tiny:
+    if (not cpu or args.tiny) and 'device_lost' not in result:
         torch.backends.cudnn.benchmark = True
         configs = passing_configs(result['checks'])
         if failed:  # a block shape that failed a check is not timed
             print(f'# Triton checks failed: timing only the block shapes that passed, {configs}', flush=True)
         left = args.budget - (time.perf_counter() - start)
         result.update(probe(args.device, dtype, left, args.tiny, configs))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=1, default=str)
-    # Checks that failed and layers that raised: a kernel that faults on the
-    # real shapes may have left the GPU unusable, so gpu_session.sh then runs
-    # the benchmark without the Triton variant.
-    result['failed'] = len(failed) + sum('raised' in r for r in result.get('rows', []))
+    result['failed'] = len(failed) + sum('raised' in r for r in result.get('rows', [])) + \
+        ('device_lost' in result)
+    result['triton_default_ok'] = triton_default_ok(result)
+    save_results(result, args.json)
     return result
+
+
+def triton_default_ok(result: Dict[str, Any]) -> bool:
+    """Whether the package's own block shapes (``FORWARD_CONFIG``,
+    ``WEIGHT_GRAD_CONFIG``, the ones ``depthwise_impl='triton'`` runs)
+    passed every check and raised at no layer, with the GPU still answering.
+    ``gpu_session.sh`` times the Triton variant in the benchmark only then:
+    a kernel that faults may leave its process's GPU context unusable."""
+    if not dw.AVAILABLE or 'device_lost' in result:
+        return False
+    good = passing_configs(result['checks'])
+    defaults = {'forward': tuple(dw.FORWARD_CONFIG), 'weight grad': tuple(dw.WEIGHT_GRAD_CONFIG)}
+    if any(default not in good[kernel] for kernel, default in defaults.items()):
+        return False
+    for row in result.get('rows', []):
+        if 'raised' in row:
+            return False
+        raised = row.get('times', {}).get('Triton, channels-last', {}).get('raised', [])
+        kernel = {'forward': 'forward', 'input grad': 'forward', 'weight grad': 'weight grad'}
+        if any(tuple(r['config']) == defaults[kernel[r['direction']]] for r in raised):
+            return False
+    return True
 
 
 if __name__ == '__main__':
