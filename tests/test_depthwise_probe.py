@@ -188,3 +188,24 @@ def test_the_benchmark_times_triton_only_if_the_packages_block_shapes_passed():
     assert not ok(result(rows=[triton_row('weight grad', wgrad)]))
     assert not ok(result(rows=[dict(raised='RuntimeError: out of memory')]))
     assert not ok(result(device_lost='RuntimeError: illegal memory access'))
+
+
+def test_a_gpu_that_stops_answering_ends_the_timings_with_what_they_have(capsys):
+    import torch
+    probe = runpy.run_path(PROBE)
+    time_layer, DeviceLost, calls = probe['time_layer'], probe['DeviceLost'], []
+
+    def lost_at_the_second_layer(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise DeviceLost('RuntimeError: planted loss')
+        return time_layer(*args, **kwargs)
+
+    probe['probe'].__globals__['time_layer'] = lost_at_the_second_layer
+    saved = []
+    result = probe['probe']('cpu', torch.float32, budget=600, tiny=True, configs=None,
+                            save=lambda: saved.append(1))
+    assert result['device_lost'] == 'RuntimeError: planted loss' and len(calls) == 2
+    assert 'times' in result['rows'][0] and saved  # the first layer was timed and saved
+    assert result['incomplete'] == ['tiny 5x5, batch 1 at 36x36']  # the 3x3 model was finished
+    assert 'the GPU stopped answering' in capsys.readouterr().out

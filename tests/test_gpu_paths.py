@@ -231,6 +231,8 @@ def test_a_gpu_that_stops_answering_ends_the_run_with_what_it_has(tool, tmp_path
     path = str(tmp_path / 'gpu.json')
     result = tool['main'](['--device', 'cpu', '--tiny', '--no-compile', '--no-profile', '--json', path])
     assert result['device_lost'] == 'RuntimeError: planted loss' and not result['rows']
+    # The failure that came just before is stored, with its error.
+    assert [(f['name'], f['error']) for f in result['failed_models']] == [('Broken', 'RuntimeError: planted failure')]
     assert result['failed'][-1] == 'GPU lost: RuntimeError: planted loss'
     assert all(c['passed'] for c in result['correctness'])  # what came before stands
     assert json.load(open(path))['device_lost'] == result['device_lost']
@@ -275,9 +277,9 @@ def test_a_compiled_setting_short_of_time_times_what_it_compiled(tool):
     has no room for is named in the note, and the others are timed."""
     needs_convnext()
 
-    class TwoCompilesLeft:
-        def __init__(self):
-            self.compile_s, self.step_s, self.calls = {}, {}, 0
+    class CompilesLeft:
+        def __init__(self, compiles):
+            self.compile_s, self.step_s, self.compiles = {}, {}, compiles
 
         def estimate(self, setting, cases, steps):
             return 0.0
@@ -286,15 +288,21 @@ def test_a_compiled_setting_short_of_time_times_what_it_compiled(tool):
             return 100.0
 
         def compile_estimate(self, mode):
-            self.calls += 1
-            return 0.0 if self.calls <= 2 else 1e9
+            self.compiles -= 1
+            return 0.0 if self.compiles >= 0 else 1e9
 
     args = tool['parse_args'](['--device', 'cpu', '--tiny'])
     setting = tool['Setting']('train', 'bf16', 2, 64, True)
-    rows, note, failed = tool['run_setting'](setting, args, TwoCompilesLeft())
-    assert [r['key'] for r in rows] == ['conv2former', 'convnext'] and not failed
-    assert note == 'no time to compile Conv2Former-custom recompute-off'
-    assert rows[-1]['speed_vs_convnext'] == 1.0
+    try:
+        rows, note, failed = tool['run_setting'](setting, args, CompilesLeft(2))
+        assert [r['key'] for r in rows] == ['conv2former', 'convnext'] and not failed
+        assert note == 'no time to compile Conv2Former-custom recompute-off'
+        assert rows[-1]['speed_vs_convnext'] == 1.0
+        torch.compiler.reset()
+        rows, note, _ = tool['run_setting'](setting, args, CompilesLeft(3))  # in the table's order again
+        assert [r['key'] for r in rows] == ['conv2former', 'recompute-off', 'convnext'] and note is None
+    finally:
+        torch.compiler.reset()
 
 
 def test_time_guard_skips_what_does_not_fit(tool, capsys):

@@ -51,7 +51,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -139,22 +139,26 @@ def on_device(model: nn.Module, device: str, compiled: bool, backend: str) -> nn
 
 
 # ---------------------------------------------------------------------------- failures
-def failure(exc: Exception, **fields) -> Dict[str, Any]:
-    """What a part that raised leaves in the results: the error in one line
-    and the traceback's end. On a first run on a new GPU one failing part (a
-    kernel that does not compile, an out-of-memory error) must not cost the
-    rest of the run; after it, :func:`release` frees what it left, or raises
-    :class:`DeviceLost` if the GPU stopped answering."""
-    return dict(fields, error=one_line(exc), traceback=traceback.format_exc()[-3000:])
+def failure(exc: Exception, what: str, **fields) -> Dict[str, Any]:
+    """What a part that raised leaves in the results (the error in one line
+    and the traceback's end), printed at once. On a first run on a new GPU
+    one failing part (a kernel that does not compile, an out-of-memory error)
+    must not cost the rest of the run; the caller stores this record where
+    the results are kept, then calls :func:`release`, which frees what the
+    part left or raises :class:`DeviceLost` if the GPU stopped answering."""
+    record = dict(fields, error=one_line(exc), traceback=traceback.format_exc()[-3000:])
+    print(f'  ! {what}: raised {record["error"]}', flush=True)
+    return record
 
 
 # ---------------------------------------------------------------------------- correctness
-def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = False) -> List[Dict[str, Any]]:
+def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = False,
+                    out: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
     """Gradients of every memory policy (and, with ``triton``, of the Triton
     depthwise operator) against ``recompute=False``'s, under each autocast
-    dtype. Layer scales are set to 1 so that every branch of every block
-    counts in the gradient (at their 1e-6 init a wrong branch would hardly
-    show)."""
+    dtype, appended to ``out`` (returned) as they come. Layer scales are set
+    to 1 so that every branch of every block counts in the gradient (at their
+    1e-6 init a wrong branch would hardly show)."""
     device = x.device
     reference = build_conv2former(arch, recompute=False).to(device)
     with torch.no_grad():
@@ -167,7 +171,7 @@ def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = Fals
     for label, kwargs in variants:
         models[label] = build_conv2former(arch, **kwargs).to(device)
         models[label].load_state_dict(reference.state_dict())
-    results = []
+    results = [] if out is None else out
     for dtype in ('fp32', 'bf16', 'fp16'):
         expected = gradients(reference, x, dtype, loss_fn=mean_square_of_outputs)
         for label, model in models.items():
@@ -188,7 +192,7 @@ def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = Fals
                     error = max(((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-30)).item()
                                 for n in names)
             except Exception as exc:  # e.g. a Triton kernel that does not compile here
-                results.append(failure(exc, check=check, passed=False))
+                results.append(failure(exc, check, check=check, passed=False))
                 got = None
                 release(x.device)
                 continue
@@ -239,29 +243,30 @@ def check_fp16(arch: Union[str, dict], x: torch.Tensor, steps: int = 6) -> Dict[
                 passed=finite and skipped < steps // 2)
 
 
-def correctness(arch: Union[str, dict], batch: int, side: int, device: str, triton: bool = False
-                ) -> List[Dict[str, Any]]:
+def correctness(arch: Union[str, dict], batch: int, side: int, device: str, triton: bool = False,
+                out: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Every check, appended to ``out`` (returned) as it comes."""
+    results = [] if out is None else out
     x = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
     cudnn = torch.backends.cudnn
     saved = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32
     # Deterministic kernels, so that the gradients differ by the policy only;
     # fp32 convolutions in fp32, so that the Triton operator meets cuDNN's numbers.
     cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = True, False, False
-    results = []
     try:
-        for name, check in (('gradients', lambda: check_gradients(arch, x, triton)),
-                            ('layouts', lambda: check_layouts(arch, x))):
+        for name, check in (('gradients', lambda: check_gradients(arch, x, triton, results)),
+                            ('layouts', lambda: results.extend(check_layouts(arch, x)))):
             try:
-                results += check()
+                check()
             except Exception as exc:
-                results.append(failure(exc, check=name, passed=False))
+                results.append(failure(exc, f'the {name} checks', check=name, passed=False))
                 release(device)
     finally:
         cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = saved
     try:
         results.append(check_fp16(arch, x))
     except Exception as exc:
-        results.append(failure(exc, check='fp16 + GradScaler', passed=False))
+        results.append(failure(exc, 'the fp16 check', check='fp16 + GradScaler', passed=False))
         release(device)
     return results
 
@@ -276,17 +281,23 @@ def breakdown_settings(tiny: bool) -> List[Setting]:
             Setting('inference', 'bf16', 64, 224, False)]
 
 
-def run_breakdowns(args: argparse.Namespace, limit: float) -> List[Dict[str, Any]]:
+def run_breakdowns(args: argparse.Namespace, limit: float, out: Optional[List[Dict[str, Any]]] = None,
+                   done: Callable[[Dict[str, Any]], None] = lambda breakdown: None) -> List[Dict[str, Any]]:
     """One profiled step of each model of each :func:`breakdown_settings`,
-    after two warm-up steps; stops once ``limit`` seconds have passed."""
-    start, results = time.perf_counter(), []
+    after two warm-up steps, appended to ``out`` (returned) as they come, and
+    each setting given to ``done`` once complete; stops once ``limit``
+    seconds have passed."""
+    start, results = time.perf_counter(), [] if out is None else out
     for setting in breakdown_settings(args.tiny):
         if time.perf_counter() - start > limit:
             results.append(dict(setting=str(setting), skipped=f'over the {limit:.0f} s given to profiles'))
+            done(results[-1])
             continue
         x = torch.randn(setting.batch, 3, setting.side, setting.side, device=args.device)
         x = x.contiguous(memory_format=torch.channels_last)
-        models, pending = [], models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton)
+        results.append(dict(setting=str(setting), models=[]))
+        models = results[-1]['models']
+        pending = models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton)
         while pending:  # one model on the device at a time
             key, label, model = pending.pop(0)
             try:
@@ -296,12 +307,10 @@ def run_breakdowns(args: argparse.Namespace, limit: float) -> List[Dict[str, Any
                     step()
                 models.append(dict(key=key, name=label, **step_breakdown(step, args.device)))
             except Exception as exc:
-                models.append(failure(exc, key=key, name=label))
+                models.append(failure(exc, f'profiling {label}, {setting}', key=key, name=label))
             step = model = None
             release(args.device)
-        results.append(dict(setting=str(setting), models=models))
-        if torch.device(args.device).type == 'cuda':
-            torch.cuda.empty_cache()
+        done(results[-1])
     return results
 
 
@@ -359,25 +368,26 @@ class Guard:
         return self.deadline - time.perf_counter()
 
 
-def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard
-                ) -> Tuple[List[dict], Optional[str], List[dict]]:
+def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard,
+                failed: Optional[List[dict]] = None) -> Tuple[List[dict], Optional[str], List[dict]]:
     """Rows of one setting; a note why it was skipped or cut short, or None;
-    and the models that failed (:func:`failure`), which leave the others'
-    rows standing.
+    and ``failed`` (returned), to which each model that raised is appended as
+    it fails (:func:`failure`): the others' rows stand.
 
     A compiled setting needs time for two compilations to start (Conv2Former
     and the ConvNeXt, compiled first); the other models follow while the
     time guard allows, and what was compiled is timed either way."""
+    failed = [] if failed is None else failed
     steps = args.warmup + args.repeats + 1
     models = models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton)
     estimate = guard.estimate(setting, 2 if setting.compiled else len(models), steps)
     if estimate > guard.left():
-        return [], f'skipped: needs about {estimate:.0f} s, {max(guard.left(), 0):.0f} s of the budget left', []
+        return [], f'skipped: needs about {estimate:.0f} s, {max(guard.left(), 0):.0f} s of the budget left', failed
     order = sorted(models, key=lambda m: {'conv2former': 0, 'convnext': 1}.get(m[0], 2)) if setting.compiled \
         else models
     x = torch.randn(setting.batch, 3, setting.side, setting.side, device=args.device)
     x = x.contiguous(memory_format=torch.channels_last)
-    cases, first_step, failed, left_out = [], {}, [], []
+    cases, first_step, left_out = [], {}, []
     for key, label, model in order:
         if setting.compiled and guard.compile_estimate(setting.mode) > guard.left():
             left_out.append(label)
@@ -389,7 +399,7 @@ def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard
             step()  # compiles, searches cuDNN algorithms, creates the optimiser state
             synchronize(args.device)
         except Exception as exc:  # a compilation or kernel that fails here, an out-of-memory error
-            failed.append(failure(exc, setting=str(setting), name=label))
+            failed.append(failure(exc, f'{label}, {setting}', setting=str(setting), name=label))
             net = step = model = None
             release(args.device)
             continue
@@ -483,7 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     result: Dict[str, Any] = dict(machine=machine(), settings=copy.deepcopy(
         {k: v for k, v in vars(args).items() if k != 'json'}), correctness=[], breakdowns=[], rows=[], skipped=[],
-        failed_models=[])
+        notes=[], failed_models=[])
     print(f'# {describe(result["machine"])}', flush=True)
     try:
         peer_label = convnext_label(args.convnext_arch, library=args.convnext)
@@ -524,8 +534,7 @@ def run_parts(args: argparse.Namespace, guard: Guard, result: Dict[str, Any]) ->
     side = 64 if args.tiny else 224
     print('# correctness (gradients: |g - g_ref| / |g_ref| of the worst parameter tensor, or of all '
           'parameters as one vector)', flush=True)
-    for check in correctness(args.arch, 2, side, args.device, args.triton):
-        result['correctness'].append(check)
+    for check in correctness(args.arch, 2, side, args.device, args.triton, out=result['correctness']):
         if 'error' in check:
             value = f'raised {check["error"]}'
         else:
@@ -540,28 +549,32 @@ def run_parts(args: argparse.Namespace, guard: Guard, result: Dict[str, Any]) ->
         print('# where the time goes: one step under torch.profiler; each operator counted once, with '
               f'the {"device time of the kernels" if torch.device(args.device).type == "cuda" else "CPU time"} '
               'launched under it (mmconv2former/engine/breakdown.py)', flush=True)
-        for breakdown in run_breakdowns(args, limit=0.15 * args.budget):
-            result['breakdowns'].append(breakdown)
+
+        def done(breakdown: Dict[str, Any]) -> None:
             print_breakdown(breakdown)
-        save_results(result, args.json)
+            save_results(result, args.json)
+
+        run_breakdowns(args, 0.15 * args.budget, out=result['breakdowns'], done=done)
 
     print('# speed: img/s median (min-max) of the timed steps; "vs ConvNeXt": paired median ratio; '
           'peak MiB: max_memory_allocated during one step above the weights, optimiser state and '
           'input; 1st step s: the first step (compilation included)', flush=True)
     print(HEAD, flush=True)
+    failed = result['failed_models']  # each model that raises is stored there as it fails
     for setting in settings(args.tiny, args.quick, not args.no_compile):
+        first = len(failed)
         try:
-            rows, note, failed = run_setting(setting, args, guard)
+            rows, note, _ = run_setting(setting, args, guard, failed)
         except Exception as exc:  # in the timed steps or the memory count, e.g. out of memory
-            rows, note, failed = [], None, [failure(exc, setting=str(setting), name='(timing)')]
+            rows, note = [], None
+            failed.append(failure(exc, f'timing {setting}', setting=str(setting), name='(timing)'))
         for row in rows:
             print_row(row)
         result['rows'] += rows
-        for f in failed:
+        for f in failed[first:]:
             print(f'{f["setting"]:<44} {f["name"]:<38} failed: {f["error"]}', flush=True)
-        result['failed_models'] += failed
-        if note:
-            result['skipped'].append(dict(setting=str(setting), note=note))
+        if note:  # skipped, or cut short (a compiled setting timing what it compiled)
+            result['skipped' if not rows else 'notes'].append(dict(setting=str(setting), note=note))
             print(f'{str(setting):<44} {note}', flush=True)
         if setting.compiled:
             torch.compiler.reset()  # a fresh cache per setting: no recompilation limit is reached

@@ -225,13 +225,16 @@ def time_ms(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
 
 
 def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtype,
-               configs: Optional[Dict[str, List[Tuple[int, ...]]]], repeats: int = 20) -> Dict[str, Dict[str, Any]]:
-    """``{implementation: {direction: ms}}`` for one layer shape; the Triton
-    kernels in ``configs`` (:func:`passing_configs`; None: not timed)."""
+               configs: Optional[Dict[str, List[Tuple[int, ...]]]], repeats: int = 20,
+               out: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
+    """``{implementation: {direction: ms}}`` for one layer shape, filled into
+    ``out`` (returned) as it is measured; the Triton kernels in ``configs``
+    (:func:`passing_configs`; None: not timed), a block shape that raises
+    listed under ``'raised'``."""
+    out = {} if out is None else out
     x = torch.randn(n, c, side, side, device=device, dtype=dtype)
     weight = torch.randn(c, 1, k, k, device=device, dtype=dtype)
     dy = torch.randn_like(x)
-    out: Dict[str, Dict[str, Any]] = {}
     for label, layout in (('cuDNN, channels-last', torch.channels_last),
                           ('PyTorch, NCHW', torch.contiguous_format)):
         xl, dyl = x.contiguous(memory_format=layout), dy.contiguous(memory_format=layout)
@@ -240,39 +243,42 @@ def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtyp
     if configs and any(configs.values()):
         xl, dyl = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
         best: Dict[str, Any] = {}
+        triton_times: Dict[str, Any] = {'configs': {}, 'raised': []}
+        out['Triton, channels-last'] = triton_times
         runs = [(d, config, fn) for config in configs['forward']
                 for d, fn in (('forward', lambda cf=config: triton_forward(xl, weight, cf)),
                               ('input grad', lambda cf=config: triton_input_grad(dyl, weight, cf)))]
         runs += [('weight grad', config, lambda cf=config: triton_weight_grad(xl, dyl, k, cf))
                  for config in configs['weight grad']]
-        raised = []
         for d, config, fn in runs:
             try:  # one block shape that fails at this layer's size leaves the others' times
                 ms = time_ms(fn, device, repeats)
             except Exception as exc:
-                raised.append(dict(direction=d, config=tuple(config), error=one_line(exc)))
+                triton_times['raised'].append(dict(direction=d, config=tuple(config), error=one_line(exc)))
                 release(device)
                 continue
             if ms < best.get(d, (float('inf'),))[0]:
                 best[d] = (ms, config)
-        out['Triton, channels-last'] = {d: v[0] for d, v in best.items()}
-        out['Triton, channels-last']['configs'] = {d: v[1] for d, v in best.items()}
-        if raised:
-            out['Triton, channels-last']['raised'] = raised
+                triton_times[d], triton_times['configs'][d] = ms, config
     return out
 
 
 def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False,
-          configs: Optional[Dict[str, List[Tuple[int, ...]]]] = None) -> Dict[str, Any]:
+          configs: Optional[Dict[str, List[Tuple[int, ...]]]] = None, out: Optional[Dict[str, Any]] = None,
+          save: Callable[[], None] = lambda: None) -> Dict[str, Any]:
     """Every layer shape of :data:`LAYERS` at :data:`SHAPES` (``tiny``:
     :data:`TINY_LAYERS` at :data:`TINY_SHAPES`, one timed call: the code
     paths only); the Triton kernels in ``configs`` (:func:`passing_configs`)
     too. A per-model sum counts an implementation only where it timed every
     direction of every layer; where a layer raised or was skipped for the
     budget, the model is listed in ``incomplete``. If the GPU stops
-    answering, the layers timed so far are returned with ``device_lost``."""
+    answering, the layers timed so far are returned with ``device_lost``.
+    Rows, sums and ``incomplete`` go into ``out`` (returned); ``save`` is
+    called after each layer."""
     start, rows, totals, incomplete = time.perf_counter(), [], {}, set()
-    result = dict(rows=rows, totals=totals)
+    result = {} if out is None else out
+    result.update(rows=rows, totals=totals, incomplete=[])
+    finished = set()
     configs = configs if dw.AVAILABLE else None
     directions = {'forward', 'input grad', 'weight grad'}
     try:
@@ -289,11 +295,14 @@ def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False,
                                gflop=2 * k * k * batch * c * hw * hw / 1e9)
                     rows.append(row)
                     try:
-                        row['times'] = time_layer(batch, c, hw, k, device, dtype, configs, 1 if tiny else 20)
+                        time_layer(batch, c, hw, k, device, dtype, configs, 1 if tiny else 20,
+                                   out=row.setdefault('times', {}))
                     except Exception as exc:  # e.g. out of memory: the other layers still count
                         row['raised'] = one_line(exc)
                         print(f'{key:<44} stage {s + 1}: raised {row["raised"]}', flush=True)
                         incomplete.add(key)
+                        result['incomplete'] = sorted(incomplete)
+                        save()
                         release(device)
                         continue
                     print_row(row)
@@ -301,6 +310,8 @@ def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False,
                         total = totals.setdefault(key, {}).setdefault(impl, 0.0)
                         totals[key][impl] = total + blocks * sum(t[d] for d in directions) \
                             if total is not None and directions <= set(t) else None
+                    save()
+                finished.add(key)
                 if key in totals or key in incomplete:
                     print(f'  {key}: all blocks, forward + both gradients: ' + ', '.join(
                         f'{impl} {ms:.2f} ms' if ms is not None else f'{impl} (not every direction)'
@@ -310,6 +321,8 @@ def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False,
     except DeviceLost as exc:
         result['device_lost'] = str(exc)
         print(f'# the GPU stopped answering ({exc}): no more timings', flush=True)
+        incomplete |= {f'{m} {k}x{k}, batch {b} at {side}x{side}' for m, k, _ in (TINY_LAYERS if tiny else LAYERS)
+                       for b, side in (TINY_SHAPES if tiny else SHAPES)} - finished
     result['incomplete'] = sorted(incomplete)
     return result
 
@@ -390,8 +403,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if failed:  # a block shape that failed a check is not timed
             print(f'# Triton checks failed: timing only the block shapes that passed, {configs}', flush=True)
         left = args.budget - (time.perf_counter() - start)
-        result.update(probe(args.device, dtype, left, args.tiny, configs))
-    result['failed'] = len(failed) + sum('raised' in r for r in result.get('rows', [])) + \
+        probe(args.device, dtype, left, args.tiny, configs, out=result,
+              save=lambda: save_results(result, args.json))
+    rows = result.get('rows', [])
+    result['failed'] = len(failed) + sum('raised' in r for r in rows) + sum(
+        len(r.get('times', {}).get('Triton, channels-last', {}).get('raised', [])) for r in rows) + \
         ('device_lost' in result)
     result['triton_default_ok'] = triton_default_ok(result)
     save_results(result, args.json)
