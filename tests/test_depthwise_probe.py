@@ -130,21 +130,28 @@ def test_only_block_shapes_that_passed_every_check_are_timed():
     assert probe['passing_configs'](checks) == {'forward': [tuple(default)], 'weight grad': []}
 
 
+def raising_at_layer(probe: dict, n: int, exc: BaseException) -> list:
+    """Make this (runpy-loaded) probe's layer timing raise ``exc`` at its
+    ``n``-th layer; returns the list of the calls made."""
+    time_layer, calls = probe['time_layer'], []
+
+    def timing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == n:
+            raise exc
+        return time_layer(*args, **kwargs)
+
+    probe['probe'].__globals__['time_layer'] = timing
+    return calls
+
+
 def test_a_layer_that_raises_is_reported_and_the_sums_say_so(capsys):
     """A layer whose timing raises (say, out of memory) is a row with the
     error; the other layers are timed, and the per-model sum that misses it
     says it is incomplete."""
-    probe = runpy.run_path(PROBE)
-    time_layer, calls = probe['time_layer'], []
-
-    def first_raises(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 1:
-            raise RuntimeError('planted failure')
-        return time_layer(*args, **kwargs)
-
-    probe['probe'].__globals__['time_layer'] = first_raises
     import torch
+    probe = runpy.run_path(PROBE)
+    calls = raising_at_layer(probe, 1, RuntimeError('planted failure'))
     result = probe['probe']('cpu', torch.float32, budget=600, tiny=True, configs=None)
     raised = [r for r in result['rows'] if 'raised' in r]
     assert [r['raised'] for r in raised] == ['RuntimeError: planted failure']
@@ -193,15 +200,7 @@ def test_the_benchmark_times_triton_only_if_the_packages_block_shapes_passed():
 def test_a_gpu_that_stops_answering_ends_the_timings_with_what_they_have(capsys):
     import torch
     probe = runpy.run_path(PROBE)
-    time_layer, DeviceLost, calls = probe['time_layer'], probe['DeviceLost'], []
-
-    def lost_at_the_second_layer(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 2:
-            raise DeviceLost('RuntimeError: planted loss')
-        return time_layer(*args, **kwargs)
-
-    probe['probe'].__globals__['time_layer'] = lost_at_the_second_layer
+    calls = raising_at_layer(probe, 2, probe['DeviceLost']('RuntimeError: planted loss'))
     saved = []
     result = probe['probe']('cpu', torch.float32, budget=600, tiny=True, configs=None,
                             save=lambda: saved.append(1))
