@@ -193,7 +193,6 @@ def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = Fals
                                 for n in names)
             except Exception as exc:  # e.g. a Triton kernel that does not compile here
                 results.append(failure(exc, check, check=check, passed=False))
-                got = None
                 release(x.device)
                 continue
             results.append(dict(check=check, value=error, limit=limit,

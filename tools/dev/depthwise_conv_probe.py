@@ -30,7 +30,6 @@ code at tiny shapes). The operator becomes the default only if this table
 and gpu_benchmark.py's training rows show that it pays.
 """
 import argparse
-import json
 import os.path as osp
 import statistics
 import sys
@@ -121,7 +120,7 @@ def check_triton(device: str, dtype: torch.dtype, shapes: Sequence[Tuple[int, in
         want = reference(x, weight, dy)
         # Under the interpreter: the default and the first multi-row block shape.
         configs = FORWARD_CONFIGS if device != 'cpu' else \
-            [c for i, c in enumerate(FORWARD_CONFIGS) if i == 0 or c[0] > 1][:2]
+            [cf for i, cf in enumerate(FORWARD_CONFIGS) if i == 0 or cf[0] > 1][:2]
         runs = [(name, config, fn) for config in configs
                 for name, fn in (('forward', lambda cf=config: triton_forward(x, weight, cf)),
                                  ('input grad', lambda cf=config: triton_input_grad(dy, weight, cf)))]
@@ -135,7 +134,6 @@ def check_triton(device: str, dtype: torch.dtype, shapes: Sequence[Tuple[int, in
                            layout=name == 'weight grad' or got.is_contiguous(memory_format=torch.channels_last))
             except Exception as exc:
                 row.update(error=None, layout=False, raised=one_line(exc), passed=False)
-                got = None
                 yield row
                 release(device)
                 continue
@@ -360,10 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f'{r["kernel"]:<20} K={r["K"]:<3} block {r["block_h"]} x {r["block_w"]:>2} x {r["block_c"]:<3} '
                   f'{r["warps"]} warps: {r["registers"]:3d} registers, {r["local_bytes"]} B local (spills), '
                   f'{r["shared_bytes"]} B shared', flush=True)
-        if args.json:
-            with open(args.json, 'w') as f:
-                json.dump(dict(triton=dw.triton.__version__, dtype=args.dtype, target='sm_90', kernels=rows), f,
-                          indent=1)
+        save_results(dict(triton=dw.triton.__version__, dtype=args.dtype, target='sm_90', kernels=rows), args.json)
         return dict(failed=0, kernels=rows)
     cpu = args.device == 'cpu'
     if cpu and not dw.INTERPRETED and dw.AVAILABLE:
@@ -426,11 +421,11 @@ def triton_default_ok(result: Dict[str, Any]) -> bool:
     defaults = {'forward': tuple(dw.FORWARD_CONFIG), 'weight grad': tuple(dw.WEIGHT_GRAD_CONFIG)}
     if any(default not in good[kernel] for kernel, default in defaults.items()):
         return False
+    kernel = {'forward': 'forward', 'input grad': 'forward', 'weight grad': 'weight grad'}  # direction -> kernel
     for row in result.get('rows', []):
         if 'raised' in row:
             return False
         raised = row.get('times', {}).get('Triton, channels-last', {}).get('raised', [])
-        kernel = {'forward': 'forward', 'input grad': 'forward', 'weight grad': 'weight grad'}
         if any(tuple(r['config']) == defaults[kernel[r['direction']]] for r in raised):
             return False
     return True
