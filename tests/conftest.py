@@ -152,11 +152,14 @@ def coco_demo(tmp_path_factory) -> str:
 @pytest.fixture(scope='session')
 def triton_interpreter() -> None:
     """Skip the test where Triton's interpreter cannot run the depthwise
-    kernels here. Triton 3.6's interpreter fails on loops whose bounds are
-    runtime values, as the weight-gradient kernel's are ("only 0-dimensional
-    arrays can be converted to Python scalars"); 3.8's runs them. The
-    compiled kernels on a GPU are not affected. Tried once, in a child
-    process: the interpreter is chosen when the kernels are defined."""
+    kernels here. Triton 3.6's interpreter turns a loop's runtime bound into
+    an int with ``int()`` of a one-element array, which NumPy 2.4 made an
+    error ("only 0-dimensional arrays can be converted to Python scalars"),
+    so with NumPy >= 2.4 it fails on the weight-gradient kernel's loops;
+    with NumPy 2.3 it runs them (all interpreted tests pass, torch 2.11,
+    2026-12-05), as Triton 3.8's does with any NumPy. The compiled kernels on
+    a GPU are not affected. Tried once, in a child process: the interpreter
+    is chosen when the kernels are defined."""
     pytest.importorskip('triton')
     code = ('import torch\n'
             'from mmconv2former.ops import depthwise_conv as dw\n'
@@ -170,7 +173,9 @@ def triton_interpreter() -> None:
     # must show in the tests that use them.
     if done.returncode != 0 and 'only 0-dimensional arrays can be converted' in done.stderr:
         import triton
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run loops with runtime bounds")
+        import numpy
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run loops with runtime bounds under "
+                    f'NumPy {numpy.__version__} (>= 2.4); NumPy < 2.4 or Triton >= 3.8 runs them')
 
 
 def needs_convnext() -> None:

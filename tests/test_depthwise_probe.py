@@ -161,6 +161,40 @@ def test_a_layer_that_raises_is_reported_and_the_sums_say_so(capsys):
     assert result['incomplete'] == ['tiny 3x3, batch 1 at 36x36']
 
 
+def test_a_direction_that_raises_leaves_the_other_directions_and_implementations_timed(capsys):
+    """One implementation's direction that raises (say, cuDNN has no
+    algorithm for it) is listed under that implementation with its error and
+    printed at once; its other directions and the other implementations are
+    timed, its per-model sum says it lacks a direction, and it counts as a
+    failure."""
+    import torch
+    probe = runpy.run_path(PROBE)
+    directions = probe['torch_directions']
+
+    def planted(x, weight):
+        fns = directions(x, weight)
+        if x.is_contiguous():  # the NCHW layout only
+
+            def fail(dy):
+                raise RuntimeError('planted failure')
+            fns['weight grad'] = fail
+        return fns
+
+    probe['time_layer'].__globals__['torch_directions'] = planted
+    result = probe['probe']('cpu', torch.float32, budget=600, tiny=True, configs=None)
+    assert len(result['rows']) == 3
+    for row in result['rows']:
+        nchw, cudnn = row['times']['PyTorch, NCHW'], row['times']['cuDNN, channels-last']
+        assert nchw['raised'] == [dict(direction='weight grad', error='RuntimeError: planted failure')]
+        assert nchw['forward'] > 0 and nchw['input grad'] > 0 and 'weight grad' not in nchw
+        assert all(cudnn[d] > 0 for d in ('forward', 'input grad', 'weight grad')) and 'raised' not in cudnn
+    assert all(t['PyTorch, NCHW'] is None and t['cuDNN, channels-last'] > 0 for t in result['totals'].values())
+    assert probe['failures'](result) == 3 and not result['incomplete']
+    out = capsys.readouterr().out
+    assert out.count('! PyTorch, NCHW weight grad: raised RuntimeError: planted failure') == 3
+    assert 'PyTorch, NCHW (not every direction)' in out
+
+
 def test_layers_skipped_for_the_budget_leave_the_sums_marked_incomplete():
     import torch
     probe = runpy.run_path(PROBE)

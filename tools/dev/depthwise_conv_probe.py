@@ -222,13 +222,34 @@ def time_ms(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
     return statistics.median(samples)
 
 
+def time_direction(times: Dict[str, Any], impl: str, direction: str, fn: Callable[[], Any], device: str,
+                   repeats: int, config: Optional[Sequence[int]] = None) -> Optional[float]:
+    """Milliseconds of one direction of one implementation, or None where it
+    raised: then the error (with the block shape, for a Triton kernel) is
+    printed at once and listed in ``times['raised']``, and the GPU is asked
+    whether it still answers (:func:`release` raises :class:`DeviceLost` if
+    not), so that the other directions and implementations are still timed."""
+    try:
+        return time_ms(fn, device, repeats)
+    except Exception as exc:
+        entry = dict(direction=direction, error=one_line(exc))
+        if config is not None:
+            entry['config'] = tuple(config)
+        times.setdefault('raised', []).append(entry)
+        print(f'    ! {impl} {direction}{"" if config is None else f" {tuple(config)}"}: raised '
+              f'{entry["error"]}', flush=True)
+        release(device)
+        return None
+
+
 def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtype,
                configs: Optional[Dict[str, List[Tuple[int, ...]]]], repeats: int = 20,
                out: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
     """``{implementation: {direction: ms}}`` for one layer shape, filled into
     ``out`` (returned) as it is measured; the Triton kernels in ``configs``
-    (:func:`passing_configs`; None: not timed), a block shape that raises
-    listed under ``'raised'``."""
+    (:func:`passing_configs`; None: not timed). A direction that raises (in
+    the Triton kernels, a block shape) is listed under the implementation's
+    ``'raised'`` (:func:`time_direction`) and the rest are still timed."""
     out = {} if out is None else out
     x = torch.randn(n, c, side, side, device=device, dtype=dtype)
     weight = torch.randn(c, 1, k, k, device=device, dtype=dtype)
@@ -236,8 +257,11 @@ def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtyp
     for label, layout in (('cuDNN, channels-last', torch.channels_last),
                           ('PyTorch, NCHW', torch.contiguous_format)):
         xl, dyl = x.contiguous(memory_format=layout), dy.contiguous(memory_format=layout)
-        fns = torch_directions(xl, weight)
-        out[label] = {d: time_ms(lambda f=f: f(dyl), device, repeats) for d, f in fns.items()}
+        times = out[label] = {}
+        for d, f in torch_directions(xl, weight).items():
+            ms = time_direction(times, label, d, lambda f=f: f(dyl), device, repeats)
+            if ms is not None:
+                times[d] = ms
     if configs and any(configs.values()):
         xl, dyl = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
         best: Dict[str, Any] = {}
@@ -248,14 +272,9 @@ def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtyp
                               ('input grad', lambda cf=config: triton_input_grad(dyl, weight, cf)))]
         runs += [('weight grad', config, lambda cf=config: triton_weight_grad(xl, dyl, k, cf))
                  for config in configs['weight grad']]
-        for d, config, fn in runs:
-            try:  # one block shape that fails at this layer's size leaves the others' times
-                ms = time_ms(fn, device, repeats)
-            except Exception as exc:
-                triton_times['raised'].append(dict(direction=d, config=tuple(config), error=one_line(exc)))
-                release(device)
-                continue
-            if ms < best.get(d, (float('inf'),))[0]:
+        for d, config, fn in runs:  # one block shape that fails at this size leaves the others' times
+            ms = time_direction(triton_times, 'Triton, channels-last', d, fn, device, repeats, config)
+            if ms is not None and ms < best.get(d, (float('inf'),))[0]:
                 best[d] = (ms, config)
                 triton_times[d], triton_times['configs'][d] = ms, config
     return out
@@ -333,7 +352,8 @@ def print_row(row: Dict[str, Any]) -> None:
                           for d in ('forward', 'input grad', 'weight grad') if d in t)
         print(f'    {impl:<22} {cells}', flush=True)
         for r in t.get('raised', []):
-            print(f'    {impl:<22} {r["direction"]} {r["config"]}: raised {r["error"]}', flush=True)
+            config = f' {tuple(r["config"])}' if 'config' in r else ''
+            print(f'    {impl:<22} {r["direction"]}{config}: raised {r["error"]}', flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -400,13 +420,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         left = args.budget - (time.perf_counter() - start)
         probe(args.device, dtype, left, args.tiny, configs, out=result,
               save=lambda: save_results(result, args.json))
-    rows = result.get('rows', [])
-    result['failed'] = len(failed) + sum('raised' in r for r in rows) + sum(
-        len(r.get('times', {}).get('Triton, channels-last', {}).get('raised', [])) for r in rows) + \
-        ('device_lost' in result)
+    result['failed'] = failures(result)
     result['triton_default_ok'] = triton_default_ok(result)
     save_results(result, args.json)
     return result
+
+
+def failures(result: Dict[str, Any]) -> int:
+    """How many things failed: checks, layers that raised, directions that
+    raised (per implementation and block shape), and a lost GPU."""
+    rows = result.get('rows', [])
+    return sum(not c['passed'] for c in result.get('checks', [])) + sum('raised' in r for r in rows) + sum(
+        len(t.get('raised', [])) for r in rows for t in r.get('times', {}).values()) + ('device_lost' in result)
 
 
 def triton_default_ok(result: Dict[str, Any]) -> bool:
