@@ -26,7 +26,7 @@ def tool():
 
 
 # ---------------------------------------------------------------------------- CPU
-@pytest.mark.parametrize('kwargs', [dict(recompute=True), dict(with_cp=True)])
+@pytest.mark.parametrize('kwargs', [dict(recompute=True), dict(recompute='modulation'), dict(with_cp=True)])
 def test_recompute_policies_give_store_all_gradients_under_bf16_autocast(kwargs):
     """bf16 autocast exists on CPU: the policies recompute under the autocast
     state of the forward pass, so the gradients are the same numbers."""
@@ -114,13 +114,14 @@ def test_gpu_benchmark_runs_every_path_on_cpu(tool, tmp_path, capsys):
     result = tool['main'](['--device', 'cpu', '--tiny', '--json', path])
     out = capsys.readouterr().out
     assert [c['check'] for c in result['correctness'] if not c['passed']] == []
-    assert len(result["correctness"]) == 11 and not result['skipped']
+    assert len(result["correctness"]) == 14 and not result['skipped']
     settings = tool['settings'](tiny=True, quick=False, with_compile=True)
-    assert len(result['rows']) == 3 * len(settings)
+    assert len(result['rows']) == sum(4 if s.mode == 'train' else 3 for s in settings)
     for row in result['rows']:
         assert row['img_per_s'] > 0 and row['peak_mib'] is None and row['repeats'] == 3  # memory: CUDA
     assert [r['name'] for r in result['rows'][:2]] == ['Conv2Former-custom', 'Conv2Former-custom recompute-off']
-    assert result['rows'][2]['name'] == result['convnext'] and result['convnext'] in out
+    assert result['rows'][2]['name'] == 'Conv2Former-custom recompute-modulation'
+    assert result['rows'][3]['name'] == result['convnext'] and result['convnext'] in out
     assert 'compiled' in out and '[FAILED]' not in out
     assert json.load(open(path))['settings']['backend'] == 'aot_eager'
     # Where the time goes: a profiled step of each model in each profiled setting.
@@ -133,6 +134,7 @@ def test_gpu_benchmark_runs_every_path_on_cpu(tool, tmp_path, capsys):
     train = result['breakdowns'][0]['models']
     assert any(k.endswith('recomputed') for k in train[0]['kinds'])  # recompute=True, the default
     assert not any(k.endswith('recomputed') for k in train[1]['kinds'])  # recompute-off
+    assert any(k.endswith('recomputed') for k in train[2]['kinds'])  # recompute='modulation'
     assert '## train bf16, batch 2 at 64x64, eager: [1] Conv2Former-custom' in out
 
 
@@ -144,8 +146,9 @@ def test_triton_variant_joins_the_eager_settings_and_the_gradient_checks(tool):
     arch, peer = tool['TINY_ARCH'], {k: tool['TINY_ARCH'][k] for k in ('channels', 'depths')}
     Setting = tool['Setting']
     built = {}
-    for compiled, expected in ((False, ['conv2former', 'recompute-off', 'triton-depthwise', 'convnext']),
-                               (True, ['conv2former', 'recompute-off', 'convnext'])):
+    for compiled, expected in ((False, ['conv2former', 'recompute-off', 'recompute-modulation', 'triton-depthwise',
+                                        'convnext']),
+                               (True, ['conv2former', 'recompute-off', 'recompute-modulation', 'convnext'])):
         models = tool['models_for'](Setting('train', 'bf16', 2, 64, compiled), arch, peer, 'auto', triton=True)
         assert [key for key, _, _ in models] == expected
         built[compiled] = {key: model for key, _, model in models}
@@ -183,7 +186,7 @@ def test_a_failing_model_costs_only_its_own_rows(tool, tmp_path, capsys, monkeyp
     result = tool['main'](['--device', 'cpu', '--tiny', '--no-compile', '--json', path])
     out = capsys.readouterr().out
     settings = tool['settings'](tiny=True, quick=False, with_compile=False)
-    assert len(result['rows']) == 3 * len(settings) and not result['skipped']
+    assert len(result['rows']) == sum(4 if s.mode == 'train' else 3 for s in settings) and not result['skipped']
     assert all(r['speed_vs_convnext'] > 0 for r in result['rows'])  # the ConvNeXt still the base
     assert [f['setting'] for f in result['failed_models']] == [str(s) for s in settings]
     assert all(f['error'] == 'RuntimeError: planted failure' and 'Traceback' in f['traceback']
@@ -207,7 +210,8 @@ def test_without_the_convnext_the_rows_stand_without_ratios(tool, monkeypatch, c
     monkeypatch.setitem(tool['main'].__globals__, 'models_for', broken_convnext)
     result = tool['main'](['--device', 'cpu', '--tiny', '--no-compile', '--no-profile'])
     settings = tool['settings'](tiny=True, quick=False, with_compile=False)
-    assert len(result['rows']) == 2 * len(settings) and len(result['failed_models']) == len(settings)
+    assert len(result['rows']) == sum(3 if s.mode == 'train' else 2 for s in settings)
+    assert len(result['failed_models']) == len(settings)
     assert all(r['speed_vs_convnext'] is None and r['memory_vs_convnext'] is None for r in result['rows'])
     assert 'Conv2Former-custom recompute-off' in capsys.readouterr().out
 
@@ -296,11 +300,12 @@ def test_a_compiled_setting_short_of_time_times_what_it_compiled(tool):
     try:
         rows, note, failed = tool['run_setting'](setting, args, CompilesLeft(2))
         assert [r['key'] for r in rows] == ['conv2former', 'convnext'] and not failed
-        assert note == 'no time to compile Conv2Former-custom recompute-off'
+        assert note == 'no time to compile Conv2Former-custom recompute-off, Conv2Former-custom recompute-modulation'
         assert rows[-1]['speed_vs_convnext'] == 1.0
         torch.compiler.reset()
         rows, note, _ = tool['run_setting'](setting, args, CompilesLeft(3))  # in the table's order again
-        assert [r['key'] for r in rows] == ['conv2former', 'recompute-off', 'convnext'] and note is None
+        assert [r['key'] for r in rows] == ['conv2former', 'recompute-off', 'convnext']
+        assert note == 'no time to compile Conv2Former-custom recompute-modulation'
     finally:
         torch.compiler.reset()
 

@@ -13,7 +13,7 @@ import torch.utils.checkpoint as cp
 from conftest import ROOT, TINY, randomise
 
 from mmconv2former.models import Conv2Former, ConvNHWC
-from mmconv2former.models.conv2former import _keep_products
+from mmconv2former.models.conv2former import _keep_outputs
 from mmconv2former.ops import depthwise_conv as dw
 
 
@@ -65,10 +65,11 @@ def test_cpu_tensors_fall_back_to_pytorch_exactly():
 @pytest.mark.skipif(dw.DEPTHWISE_OP is None, reason='needs Triton and torch >= 2.4')
 def test_checkpoint_policy_stores_the_operators_large_kernel_output():
     x = torch.empty(1, 8, 8, 16)
-    assert _keep_products(None, dw.DEPTHWISE_OP, x, torch.empty(16, 1, 11, 11), None) \
-        == cp.CheckpointPolicy.MUST_SAVE
-    assert _keep_products(None, dw.DEPTHWISE_OP, x, torch.empty(16, 1, 3, 3), None) \
-        == cp.CheckpointPolicy.PREFER_RECOMPUTE
+    for modulation_products in (True, False):  # recompute=True and recompute='modulation'
+        assert _keep_outputs(modulation_products, None, dw.DEPTHWISE_OP, x, torch.empty(16, 1, 11, 11), None) \
+            == cp.CheckpointPolicy.MUST_SAVE
+        assert _keep_outputs(modulation_products, None, dw.DEPTHWISE_OP, x, torch.empty(16, 1, 3, 3), None) \
+            == cp.CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @pytest.mark.skipif(not dw.AVAILABLE, reason='needs Triton and torch >= 2.4')

@@ -183,7 +183,8 @@ def build_convnext(arch: Union[str, dict], library: str = 'auto') -> Tuple[nn.Mo
 
 #: Conv2Former with another training-memory policy than its default
 #: (``recompute=True``), as constructor arguments: they differ in training only.
-MEMORY_PEERS = {'recompute-off': dict(recompute=False), 'with-cp': dict(with_cp=True)}
+MEMORY_PEERS = {'recompute-off': dict(recompute=False), 'recompute-modulation': dict(recompute='modulation'),
+                'with-cp': dict(with_cp=True)}
 
 #: Conv2Former with another implementation of an operator, as constructor
 #: arguments: the Triton depthwise convolution (mmconv2former/ops).

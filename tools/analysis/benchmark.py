@@ -224,8 +224,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--compile', action='store_true', help='torch.compile every model')
     parser.add_argument('--peers', default=None,
                         help='comma-separated: convnext (the ConvNeXt of matching size), '
-                             'recompute-off (recompute=False: every activation stored), with-cp '
-                             '(with_cp=True: only block inputs stored), or none. Default: convnext '
+                             'recompute-off (recompute=False: every activation stored), '
+                             "recompute-modulation (recompute='modulation': the modulation's 1x1 "
+                             'products recomputed too), with-cp (with_cp=True: only block inputs '
+                             'stored), or none. Default: convnext '
                              'for a backbone, none for a config')
     parser.add_argument('--switch-to-deploy', action='store_true',
                         help='inference: also time the switch_to_deploy() form')

@@ -10,8 +10,8 @@ wheels on a connected machine; ``docs/gpu_benchmark.md`` gives the steps.
 
 What it runs, in this order, printing each result as it comes:
 
-1. Correctness: gradients of ``recompute=True``, ``with_cp=True`` and
-   ``depthwise_impl='triton'`` (where its kernels run) against
+1. Correctness: gradients of ``recompute=True``, ``recompute='modulation'``,
+   ``with_cp=True`` and ``depthwise_impl='triton'`` (where its kernels run) against
    ``recompute=False``'s under fp32, bf16 and fp16 autocast; every block's
    output a contiguous ``(B, H, W, C)`` tensor and every feature map a
    contiguous ``(B, C, H, W)`` one; a few fp16 training steps with a
@@ -22,7 +22,8 @@ What it runs, in this order, printing each result as it comes:
    kernels.
 3. Speed and memory, every case on channels-last input: training steps
    (forward, backward, AdamW; fp16 with a GradScaler as mmengine's
-   ``AmpOptimWrapper`` does) of Conv2Former-T with ``recompute`` on and off
+   ``AmpOptimWrapper`` does) of Conv2Former-T with ``recompute`` on
+   (``True``, the default, and ``'modulation'``, which stores less) and off,
    and of ConvNeXt-T, bf16 and fp16 autocast, batch 64 at 224x224 and batch 4
    at 1024x1024; inference (bf16 autocast) of Conv2Former-T, its
    ``switch_to_deploy()`` form and ConvNeXt-T, batch 64 at 224x224 and batch 1
@@ -128,7 +129,7 @@ def models_for(setting: Setting, arch: Union[str, dict], convnext_arch: Union[st
     ConvNeXt last. ``triton``: also Conv2Former with the Triton depthwise
     operator, in eager settings (it is one operator; compiled graphs call it
     as they call cuDNN's)."""
-    keys = ['conv2former', 'recompute-off' if setting.mode == 'train' else 'deploy']
+    keys = ['conv2former'] + (['recompute-off', 'recompute-modulation'] if setting.mode == 'train' else ['deploy'])
     keys += ['triton-depthwise'] if triton and not setting.compiled else []
     return build_models(keys + ['convnext'], arch, convnext_arch, convnext)
 
@@ -166,7 +167,8 @@ def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = Fals
             if 'layer_scale' in name:
                 p.fill_(1.0)
     models = {}
-    variants = [('recompute=True', dict(recompute=True)), ('with_cp=True', dict(with_cp=True))]
+    variants = [('recompute=True', dict(recompute=True)), ("recompute='modulation'", dict(recompute='modulation')),
+                ('with_cp=True', dict(with_cp=True))]
     variants += [("depthwise_impl='triton'", dict(depthwise_impl='triton'))] if triton else []
     for label, kwargs in variants:
         models[label] = build_conv2former(arch, **kwargs).to(device)
