@@ -241,9 +241,10 @@ class Conv2Former(BaseModule):
             * ``'modulation'``: the modulation's three C->C products
               (``att.0``, ``v``, ``proj``) are recomputed as well; of the
               products only the MLP's two (C <-> 4C) are stored. Measured:
-              Conv2Former-T, bf16 training step at 224² on CPU, 0.76x the
-              memory per image of ``recompute=True`` (0.62x ConvNeXt-T's),
-              for about 9% more matrix-product work.
+              Conv2Former-T, bf16 training step, batch 8 at 224², on CPU,
+              peak memory 0.82x that of ``recompute=True`` (0.69x
+              ConvNeXt-T's, against 0.84x), for about 9% more
+              matrix-product work.
             * False: every activation is stored.
 
             ``docs/performance.md`` has the measurements. PyTorch's

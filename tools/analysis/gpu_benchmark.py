@@ -420,7 +420,9 @@ def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard,
     rows = []
     for case in cases:
         row = summarise(case)
-        row.update(setting=str(setting), speed_vs_convnext=paired_ratio(case, base)['median'] if base else None,
+        ratio = paired_ratio(case, base) if base else None
+        row.update(setting=str(setting), speed_vs_convnext=ratio['median'] if ratio else None,
+                   speed_vs_convnext_range=[ratio['min'], ratio['max']] if ratio else None,
                    peak_mib=peak_memory(case.step, args.device) / 2 ** 20 if cuda else None,
                    first_step_s=first_step[case.name])
         guard.step_s[(setting.mode, setting.side)] = max(guard.step_s.get((setting.mode, setting.side), 0.0),
@@ -432,7 +434,7 @@ def run_setting(setting: Setting, args: argparse.Namespace, guard: Guard,
     return rows, note, failed
 
 
-HEAD = (f'{"setting":<44} {"model":<38} {"img/s":>9} {"(min-max)":>19} {"vs ConvNeXt":>11} '
+HEAD = (f'{"setting":<44} {"model":<40} {"img/s":>9} {"(min-max)":>19} {"vs ConvNeXt":>11} '
         f'{"peak MiB":>9} {"vs ConvNeXt":>11} {"1st step s":>10}')
 
 
@@ -442,7 +444,7 @@ def print_row(row: Dict[str, Any]) -> None:
 
     spread = f'({row["min"]:.1f}-{row["max"]:.1f})'
     memory = f'{row["peak_mib"]:9.1f}' if row['peak_mib'] is not None else f'{"-":>9}'
-    print(f'{row["setting"]:<44} {row["name"]:<38} {row["img_per_s"]:9.1f} {spread:>19} '
+    print(f'{row["setting"]:<44} {row["name"]:<40} {row["img_per_s"]:9.1f} {spread:>19} '
           f'{ratio(row["speed_vs_convnext"])} {memory} {ratio(row["memory_vs_convnext"])} '
           f'{row["first_step_s"]:10.1f}', flush=True)
 
@@ -573,7 +575,7 @@ def run_parts(args: argparse.Namespace, guard: Guard, result: Dict[str, Any]) ->
             print_row(row)
         result['rows'] += rows
         for f in failed[first:]:
-            print(f'{f["setting"]:<44} {f["name"]:<38} failed: {f["error"]}', flush=True)
+            print(f'{f["setting"]:<44} {f["name"]:<40} failed: {f["error"]}', flush=True)
         if note:  # skipped, or cut short (a compiled setting timing what it compiled)
             result['skipped' if not rows else 'notes'].append(dict(setting=str(setting), note=note))
             print(f'{str(setting):<44} {note}', flush=True)
