@@ -59,7 +59,7 @@ import torch.nn as nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
 
-from mmconv2former.engine.profiling import (Case, DeviceLost, TrainStep, autocast,  # noqa: E402
+from mmconv2former.engine.profiling import (MEMORY_PEERS, Case, DeviceLost, TrainStep, autocast,  # noqa: E402
                                             build_conv2former, build_models, convnext_label, describe,
                                             gradients, machine, make_step, mean_square_of_outputs,
                                             one_line, paired_ratio, peak_memory, release, save_results,
@@ -167,8 +167,9 @@ def check_gradients(arch: Union[str, dict], x: torch.Tensor, triton: bool = Fals
             if 'layer_scale' in name:
                 p.fill_(1.0)
     models = {}
-    variants = [('recompute=True', dict(recompute=True)), ("recompute='modulation'", dict(recompute='modulation')),
-                ('with_cp=True', dict(with_cp=True))]
+    # The default and every other memory policy but the reference itself.
+    policies = [dict(recompute=True)] + [kw for kw in MEMORY_PEERS.values() if kw != dict(recompute=False)]
+    variants = [(', '.join(f'{k}={v!r}' for k, v in kw.items()), kw) for kw in policies]
     variants += [("depthwise_impl='triton'", dict(depthwise_impl='triton'))] if triton else []
     for label, kwargs in variants:
         models[label] = build_conv2former(arch, **kwargs).to(device)
