@@ -204,6 +204,32 @@ def test_a_failing_model_costs_only_its_own_rows(tool, tmp_path, capsys, monkeyp
     assert [c['check'] for c in result['correctness'] if not c['passed']] == []
 
 
+def test_profiles_stop_between_models_when_their_time_is_up(tool, monkeypatch, capsys):
+    """The profiles' share of the budget is checked before each model, not
+    only before each setting: a setting holds up to five models. Each
+    profiled step here takes 10 s of a fake clock, against a 15 s limit."""
+    needs_convnext()
+    clock = {'now': 0.0}
+
+    def profiled(step, device):
+        clock['now'] += 10.0
+        return dict(device_time=False, total_ms=1.0, kinds={'other, forward': 1.0}, kernels=[])
+
+    globs = tool['run_breakdowns'].__globals__
+    monkeypatch.setitem(globs, 'time', type('Clock', (), {'perf_counter': staticmethod(lambda: clock['now'])}))
+    monkeypatch.setitem(globs, 'step_breakdown', profiled)
+    args = tool['parse_args'](['--device', 'cpu', '--tiny', '--no-triton'])
+    first, second = tool['run_breakdowns'](args, 15.0)
+    models = first['models']
+    assert [m['key'] for m in models if 'total_ms' in m] == ['conv2former', 'recompute-off']
+    assert [m['key'] for m in models if 'skipped' in m] == ['recompute-modulation', 'convnext']
+    assert second == dict(setting=second['setting'], skipped='over the 15 s given to profiles')
+    tool['print_breakdown'](first)
+    out = capsys.readouterr().out
+    assert 'recompute-modulation not profiled, over the 15 s given to profiles' in out
+    assert '[1] Conv2Former-custom  [2] Conv2Former-custom recompute-off\n' in out
+
+
 def test_without_the_convnext_the_rows_stand_without_ratios(tool, monkeypatch, capsys):
     needs_convnext()
     models_for = tool['models_for']

@@ -290,9 +290,10 @@ def run_breakdowns(args: argparse.Namespace, limit: float, out: Optional[List[Di
     each setting given to ``done`` once complete; stops once ``limit``
     seconds have passed."""
     start, results = time.perf_counter(), [] if out is None else out
+    over = f'over the {limit:.0f} s given to profiles'
     for setting in breakdown_settings(args.tiny):
         if time.perf_counter() - start > limit:
-            results.append(dict(setting=str(setting), skipped=f'over the {limit:.0f} s given to profiles'))
+            results.append(dict(setting=str(setting), skipped=over))
             done(results[-1])
             continue
         x = torch.randn(setting.batch, 3, setting.side, setting.side, device=args.device)
@@ -302,6 +303,10 @@ def run_breakdowns(args: argparse.Namespace, limit: float, out: Optional[List[Di
         pending = models_for(setting, args.arch, args.convnext_arch, args.convnext, args.triton)
         while pending:  # one model on the device at a time
             key, label, model = pending.pop(0)
+            if time.perf_counter() - start > limit:  # a setting holds up to five models
+                models.append(dict(key=key, name=label, skipped=over))
+                model = None
+                continue
             try:
                 step = make_step(on_device(model, args.device, False, args.backend), x,
                                  setting.mode == 'train', setting.dtype)
@@ -325,7 +330,9 @@ def print_breakdown(result: Dict[str, Any], kernels: int = 8) -> None:
     for m in result['models']:
         if 'error' in m:
             print(f'## {result["setting"]}: {m["name"]} failed: {m["error"]}', flush=True)
-    models = [m for m in result['models'] if 'error' not in m]
+        elif 'skipped' in m:
+            print(f'## {result["setting"]}: {m["name"]} not profiled, {m["skipped"]}', flush=True)
+    models = [m for m in result['models'] if 'error' not in m and 'skipped' not in m]
     if not models:
         return
     kinds = list(dict.fromkeys(k for m in models for k in m['kinds']))
