@@ -49,6 +49,31 @@ def test_operator_matches_conv2d_forward_and_backward(k, bias, shape):
         assert got.shape == expected.shape and relative_error(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize('config', [dw.FORWARD_CONFIG, (4, 8, 16, 2)])
+def test_forward_kernel_writes_every_element_of_its_output(config):
+    """Into an output filled with NaN first, since fresh memory may still hold
+    an earlier call's right answer: every element written, and right, for the
+    forward pass and the input gradient, in one-row and multi-row block shapes,
+    with heights, widths and channels that are not multiples of the blocks."""
+    x, w, b = nhwc(2, 7, 9, 40), torch.randn(40, 1, 5, 5), torch.randn(40)
+    nchw = x.permute(0, 3, 1, 2)
+    cases = [(dw.forward_nhwc, (x, w, b, config), F.conv2d(nchw, w, b, padding=2, groups=40)),
+             (dw.input_grad_nhwc, (x, w, config), F.conv2d(nchw, w.flip(-1, -2), padding=2, groups=40))]
+    for fn, args, want in cases:
+        out = torch.full_like(x, float('nan'))
+        got = fn(*args, out=out)
+        assert got.data_ptr() == out.data_ptr() and not got.isnan().any()
+        assert relative_error(got, want.permute(0, 2, 3, 1)) < 1e-6
+
+
+def test_an_output_that_does_not_fit_is_refused_by_name():
+    x, w = nhwc(1, 5, 6, 16), torch.randn(16, 1, 3, 3)
+    for out, problem in ((torch.empty(1, 5, 6, 8), r'\(1, 5, 6, 8\)'), (torch.empty(1, 5, 6, 16).double(), 'float64'),
+                         (torch.empty(1, 6, 5, 16).transpose(1, 2), 'not contiguous')):
+        with pytest.raises(ValueError, match=problem):
+            dw.forward_nhwc(x, w, out=out)
+
+
 def test_autocast_casts_as_for_a_convolution():
     """Under bf16 autocast: bf16 output, and gradients (through the casts to
     the fp32 parameters) close to PyTorch's bf16 convolution's."""

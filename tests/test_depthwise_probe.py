@@ -78,6 +78,63 @@ def test_every_kernel_variant_compiles_for_hopper_without_spilling(tmp_path):
     assert all(0 < k['registers'] <= 255 and k['local_bytes'] == 0 for k in kernels)
 
 
+def test_the_check_fails_a_kernel_that_leaves_one_element_unwritten():
+    """The checks hand the forward kernel an output filled with NaN: a kernel
+    that writes every element but one, all of them right, fails; the same
+    kernel writing all of them passes."""
+    import torch
+    import torch.nn.functional as F
+    probe = runpy.run_path(PROBE)
+
+    def planted(skip: int):
+        def forward(x, weight, config, out):
+            y = F.conv2d(x.float(), weight.float(), padding=weight.shape[-1] // 2, groups=weight.shape[0])
+            out.view(-1)[skip:] = y.permute(0, 2, 3, 1).reshape(-1)[skip:].to(out.dtype)
+            return out.permute(0, 3, 1, 2)
+        return forward
+
+    names = probe['check_triton'].__globals__
+    names['WGRAD_CONFIGS'] = []  # the weight gradient is not under test
+    results = {}
+    for skip in (0, 1):
+        names['triton_forward'] = planted(skip)
+        names['triton_input_grad'] = lambda dy, weight, config, out, f=planted(skip): f(dy, weight.flip(-1, -2),
+                                                                                     config, out)
+        checks = list(probe['check_triton']('cpu', torch.float32, [(1, 8, 5, 6, 3)]))
+        results[skip] = {c['passed'] for c in checks if c['direction'] != 'weight grad'}
+    assert results == {0: {True}, 1: {False}}
+
+
+def test_floors_are_the_larger_of_bytes_over_bandwidth_and_work_over_rate():
+    probe = runpy.run_path(PROBE)
+    ceilings = dict(copy_gbps=3350.0, fp32_tflops=67.0)
+    rows = {(key, r['stage']): r for key, layer_rows in probe['layers'](False) for r in layer_rows}
+    # 11x11 at 56x56: 242 flops per 4 bytes moved, over the 20 flops/byte these ceilings balance at.
+    big = rows[('Conv2Former-T 11x11, batch 64 at 224x224', 1)]
+    ms, bound = probe['floor_ms'](big, ceilings, 2)
+    assert bound == 'arithmetic' and abs(ms - 2 * 121 * 64 * 72 * 56 * 56 / 67e12 * 1e3) < 1e-9
+    # The MLP's 3x3 on 4C channels: 18 flops per 4 bytes, so the bytes set the floor.
+    small = rows[('Conv2Former-T 3x3, batch 64 at 224x224', 1)]
+    ms, bound = probe['floor_ms'](small, ceilings, 2)
+    assert bound == 'memory' and abs(ms - 2 * (2 * 64 * 288 * 56 * 56 + 288 * 9) / 3350e9 * 1e3) < 1e-9
+    totals = probe['predicted_floors'](ceilings)
+    assert len(totals) == 6 and totals['Conv2Former-T 11x11, batch 64 at 224x224'] == pytest.approx(sum(
+        3 * r['blocks'] * probe['floor_ms'](r, ceilings, 2)[0] for (key, _), r in rows.items()
+        if key == 'Conv2Former-T 11x11, batch 64 at 224x224'))
+
+
+def test_floors_print_without_a_gpu_and_refuse_bad_ceilings(tmp_path):
+    path = str(tmp_path / 'floors.json')
+    done = run_python([PROBE, '--floors', 'H200', '--json', path], interpret=False)
+    assert done.returncode == 0, done.stderr
+    result = json.load(open(path))
+    assert result['ceilings'] == dict(copy_gbps=4800.0, fp32_tflops=67.0) and len(result['floor_totals']) == 6
+    assert done.stdout.count('ms per training step') == 6
+    for bad in ('3350', 'fast,67', '0,67'):
+        done = run_python([PROBE, '--floors', bad], interpret=False)
+        assert done.returncode == 2 and 'GB/s and TFLOP/s' in done.stderr
+
+
 def test_cpu_needs_the_interpreter():
     done = run_python([PROBE, '--device', 'cpu'], interpret=False)
     assert done.returncode == 2 and 'TRITON_INTERPRET=1' in done.stderr
@@ -96,6 +153,11 @@ def test_probe_times_every_implementation_at_tiny_shapes(tmp_path, triton_interp
                    for d in ('forward', 'input grad', 'weight grad'))
         assert set(row['times']['Triton, channels-last']['configs']) == {'forward', 'input grad', 'weight grad'}
     assert set(result['totals']) == {'tiny 3x3, batch 1 at 36x36', 'tiny 5x5, batch 1 at 36x36'}
+    # The ceilings are measured, each layer gets its floor and each model its floor sum.
+    assert set(result['ceilings']) == {'copy_gbps', 'fp32_tflops', 'bf16_tflops'}
+    assert all(v > 0 for v in result['ceilings'].values())
+    assert all(r['floor_ms'] > 0 and r['bound'] in ('memory', 'arithmetic') for r in result['rows'])
+    assert set(result['floor_totals']) == set(result['totals']) and 'x floor' in done.stdout
 
 
 def test_a_kernel_that_raises_fails_its_check_and_is_not_timed(triton_interpreter):

@@ -135,16 +135,25 @@ def _on(device: torch.device):
 
 
 def forward_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 config: Sequence[int] = FORWARD_CONFIG) -> torch.Tensor:
+                 config: Sequence[int] = FORWARD_CONFIG, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The Triton forward pass: ``x`` ``(B, H, W, C)``, ``weight``
     ``(C, 1, K, K)``, ``bias`` ``(C,)`` or None; returns a contiguous
-    ``(B, H, W, C)`` tensor."""
+    ``(B, H, W, C)`` tensor: ``out`` where given (contiguous, ``x``'s shape,
+    dtype and device), which lets a check fill it with NaN first and so see
+    any element the kernel did not write."""
     x = x.contiguous()
     n, h, w, c = x.shape
     k = weight.shape[-1]
     block_h, block_w, block_c, warps = config
     taps = weight.reshape(c, k * k).t().contiguous()  # (K*K, C): one tap's channels side by side
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is None:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f'out must be a contiguous {tuple(x.shape)} {x.dtype} tensor on {x.device}, like x; '
+                         f'got {tuple(out.shape)} {out.dtype} on {out.device}'
+                         f'{"" if out.is_contiguous() else ", not contiguous"}')
+    else:
+        y = out
     grid = (n * triton.cdiv(h, block_h), triton.cdiv(w, block_w), triton.cdiv(c, block_c))
     with _on(x.device):
         _forward_kernel[grid](x, taps, taps if bias is None else bias.contiguous(), y, h, w, c, K=k,
@@ -153,10 +162,11 @@ def forward_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return y
 
 
-def input_grad_nhwc(dy: torch.Tensor, weight: torch.Tensor, config: Sequence[int] = FORWARD_CONFIG
-                    ) -> torch.Tensor:
-    """dL/dx: ``dy`` through the forward kernel with the kernel turned by 180 degrees."""
-    return forward_nhwc(dy, weight.flip(-1, -2), None, config)
+def input_grad_nhwc(dy: torch.Tensor, weight: torch.Tensor, config: Sequence[int] = FORWARD_CONFIG,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dL/dx: ``dy`` through the forward kernel with the kernel turned by 180
+    degrees (into ``out`` where given, as in :func:`forward_nhwc`)."""
+    return forward_nhwc(dy, weight.flip(-1, -2), None, config, out)
 
 
 def weight_grad_nhwc(x: torch.Tensor, dy: torch.Tensor, k: int, config: Sequence[int] = WEIGHT_GRAD_CONFIG,

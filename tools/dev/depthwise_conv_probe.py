@@ -61,15 +61,16 @@ WGRAD_CONFIGS = [dw.WEIGHT_GRAD_CONFIG, (16, 32, 4), (8, 64, 4)]
 
 
 # ---------------------------------------------------------------------------- Triton candidate
-def triton_forward(x: torch.Tensor, weight: torch.Tensor, config: Sequence[int] = FORWARD_CONFIGS[0]
-                   ) -> torch.Tensor:
-    """The package's forward kernel on channels-last ``x`` of NCHW shape."""
-    return dw.forward_nhwc(x.permute(0, 2, 3, 1), weight, None, config).permute(0, 3, 1, 2)
+def triton_forward(x: torch.Tensor, weight: torch.Tensor, config: Sequence[int] = FORWARD_CONFIGS[0],
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The package's forward kernel on channels-last ``x`` of NCHW shape
+    (into ``out``, ``(B, H, W, C)``, where given)."""
+    return dw.forward_nhwc(x.permute(0, 2, 3, 1), weight, None, config, out).permute(0, 3, 1, 2)
 
 
-def triton_input_grad(dy: torch.Tensor, weight: torch.Tensor, config: Sequence[int] = FORWARD_CONFIGS[0]
-                      ) -> torch.Tensor:
-    return dw.input_grad_nhwc(dy.permute(0, 2, 3, 1), weight, config).permute(0, 3, 1, 2)
+def triton_input_grad(dy: torch.Tensor, weight: torch.Tensor, config: Sequence[int] = FORWARD_CONFIGS[0],
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return dw.input_grad_nhwc(dy.permute(0, 2, 3, 1), weight, config, out).permute(0, 3, 1, 2)
 
 
 def triton_weight_grad(x: torch.Tensor, dy: torch.Tensor, k: int, config: Sequence[int] = WGRAD_CONFIGS[0]
@@ -121,9 +122,16 @@ def check_triton(device: str, dtype: torch.dtype, shapes: Sequence[Tuple[int, in
         # Under the interpreter: the default and the first multi-row block shape.
         configs = FORWARD_CONFIGS if device != 'cpu' else \
             [cf for i, cf in enumerate(FORWARD_CONFIGS) if i == 0 or cf[0] > 1][:2]
+        # The forward kernel writes into an output filled with NaN: memory
+        # fresh from the allocator may hold the previous block shape's right
+        # answer, which would hide elements a block shape leaves unwritten.
+        # (The weight gradient starts from zeros and adds: a block it misses
+        # stays zero, far from the reference.)
+        def nan() -> torch.Tensor:
+            return torch.full((n, h, w, c), float('nan'), device=device, dtype=dtype)
         runs = [(name, config, fn) for config in configs
-                for name, fn in (('forward', lambda cf=config: triton_forward(x, weight, cf)),
-                                 ('input grad', lambda cf=config: triton_input_grad(dy, weight, cf)))]
+                for name, fn in (('forward', lambda cf=config: triton_forward(x, weight, cf, nan())),
+                                 ('input grad', lambda cf=config: triton_input_grad(dy, weight, cf, nan())))]
         runs += [('weight grad', config, lambda cf=config: triton_weight_grad(x, dy, k, cf))
                  for config in WGRAD_CONFIGS[:1 if device == 'cpu' else None]]
         for name, config, fn in runs:
@@ -199,8 +207,16 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- timing
-def time_ms(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on a GPU), after warm-up."""
+#: Bytes written between timed calls on a GPU, so that each call starts with
+#: a cold L2 cache (as ``triton.testing.do_bench`` does): the floors count
+#: device-memory bytes, and a late stage's data (a few MB at either shape)
+#: would otherwise be read from the 50 MB L2 of an H100 or H200.
+FLUSH_BYTES = 256 * 2 ** 20
+
+
+def time_ms(fn: Callable[[], Any], device: str, repeats: int = 20, cold: bool = True) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on a GPU, each call after
+    an L2 flush unless ``cold`` is False), after warm-up."""
     for _ in range(min(3, repeats)):
         fn()
     if device == 'cpu':
@@ -210,9 +226,12 @@ def time_ms(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
             fn()
             samples.append(1e3 * (time.perf_counter() - start))
         return statistics.median(samples)
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if cold else None
     torch.cuda.synchronize()
     samples = []
     for _ in range(repeats):
+        if flush is not None:
+            flush.zero_()  # before the start event: not timed
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -220,6 +239,73 @@ def time_ms(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
         end.synchronize()
         samples.append(start.elapsed_time(end))
     return statistics.median(samples)
+
+
+# ---------------------------------------------------------------------------- ceilings and floors
+#: Datasheet leads for ``--floors`` (device-memory GB/s, fp32 CUDA-core
+#: TFLOP/s); a run on a GPU measures its own (:func:`measure_ceilings`).
+DATASHEETS = {'H100-SXM': (3350.0, 67.0), 'H200': (4800.0, 67.0)}
+
+
+def measure_ceilings(device: str, tiny: bool = False) -> Dict[str, float]:
+    """This machine's ceilings, measured: a device-to-device copy (bytes read
+    plus bytes written per second), an fp32 matrix product with TF32 off
+    (cuBLAS on the CUDA cores, the units on which an fp32-accumulating
+    depthwise kernel does its multiply-adds) and, for reference, a bf16 one
+    (the tensor cores, where the blocks' 1x1 convolutions run). ``tiny``:
+    small sizes, the code path only."""
+    elements, side = (2 ** 18, 128) if tiny else (2 ** 28, 8192)  # fp32: 1 GiB to copy; 8192^3 products
+    src = torch.randn(elements, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device, 10, cold=False)
+    del src, dst
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')  # no TF32: IEEE fp32 on the CUDA cores
+    try:
+        a, b = torch.randn(side, side, device=device), torch.randn(side, side, device=device)
+        fp32_ms = time_ms(lambda: a @ b, device, 10, cold=False)
+        a, b = a.bfloat16(), b.bfloat16()
+        bf16_ms = time_ms(lambda: a @ b, device, 10, cold=False)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    flop = 2 * side ** 3
+    return dict(copy_gbps=2 * 4 * elements / copy_ms / 1e6, fp32_tflops=flop / fp32_ms / 1e9,
+                bf16_tflops=flop / bf16_ms / 1e9)
+
+
+def floor_ms(row: Dict[str, Any], ceilings: Dict[str, float], itemsize: int) -> Tuple[float, str]:
+    """One direction's floor for this layer, the same for all three: the
+    larger of its fewest bytes (two activation-sized tensors and the kernel,
+    each read or written once) over the copy rate, and its multiply-adds over
+    the fp32 CUDA-core rate; and which of the two it is ('memory' or
+    'arithmetic')."""
+    b, c, h, w = row['shape']
+    memory = itemsize * (2 * b * c * h * w + c * row['kernel'] ** 2) / ceilings['copy_gbps'] / 1e6
+    arithmetic = row['gflop'] / ceilings['fp32_tflops']
+    return (memory, 'memory') if memory >= arithmetic else (arithmetic, 'arithmetic')
+
+
+def layers(tiny: bool) -> Iterator[Tuple[str, List[Dict[str, Any]]]]:
+    """Per model, kernel and batch shape of :data:`LAYERS` and :data:`SHAPES`
+    (``tiny``: :data:`TINY_LAYERS` and :data:`TINY_SHAPES`): its name and one
+    row per stage."""
+    for model, k, stages in (TINY_LAYERS if tiny else LAYERS):
+        for batch, side in (TINY_SHAPES if tiny else SHAPES):
+            key = f'{model} {k}x{k}, batch {batch} at {side}x{side}'
+            rows = []
+            for s, (c, blocks) in enumerate(stages):
+                hw = side // 2 ** (s + 2)
+                rows.append(dict(layer=key, stage=s + 1, shape=[batch, c, hw, hw], kernel=k, blocks=blocks,
+                                 gflop=2 * k * k * batch * c * hw * hw / 1e9))
+            yield key, rows
+
+
+def predicted_floors(ceilings: Dict[str, float], itemsize: int = 2) -> Dict[str, float]:
+    """Per model and batch shape, the milliseconds a training step must spend
+    in depthwise convolutions (forward and both gradients of every block) at
+    these ceilings: the prediction a run's sums are measured against."""
+    return {key: sum(3 * row['blocks'] * floor_ms(row, ceilings, itemsize)[0] for row in rows)
+            for key, rows in layers(False)}
 
 
 def time_direction(times: Dict[str, Any], impl: str, direction: str, fn: Callable[[], Any], device: str,
@@ -282,73 +368,82 @@ def time_layer(n: int, c: int, side: int, k: int, device: str, dtype: torch.dtyp
 
 def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False,
           configs: Optional[Dict[str, List[Tuple[int, ...]]]] = None, out: Optional[Dict[str, Any]] = None,
-          save: Callable[[], None] = lambda: None) -> Dict[str, Any]:
-    """Every layer shape of :data:`LAYERS` at :data:`SHAPES` (``tiny``:
-    :data:`TINY_LAYERS` at :data:`TINY_SHAPES`, one timed call: the code
-    paths only); the Triton kernels in ``configs`` (:func:`passing_configs`)
-    too. A per-model sum counts an implementation only where it timed every
-    direction of every layer; where a layer raised or was skipped for the
-    budget, the model is listed in ``incomplete``. If the GPU stops
-    answering, the layers timed so far are returned with ``device_lost``.
-    Rows, sums and ``incomplete`` go into ``out`` (returned); ``save`` is
-    called after each layer."""
+          save: Callable[[], None] = lambda: None, ceilings: Optional[Dict[str, float]] = None
+          ) -> Dict[str, Any]:
+    """Every layer shape of :func:`layers` (``tiny``: the code paths only, one
+    timed call); the Triton kernels in ``configs`` (:func:`passing_configs`)
+    too. With ``ceilings`` (:func:`measure_ceilings`), each layer gets its
+    floor (:func:`floor_ms`) and each model its floor sum, in
+    ``floor_totals``. A per-model sum counts an implementation only where it
+    timed every direction of every layer; where a layer raised or was
+    skipped for the budget, the model is listed in ``incomplete``. If the GPU
+    stops answering, the layers timed so far are returned with
+    ``device_lost``. Rows, sums and ``incomplete`` go into ``out``
+    (returned); ``save`` is called after each layer."""
     start, rows, totals, incomplete = time.perf_counter(), [], {}, set()
     result = {} if out is None else out
     result.update(rows=rows, totals=totals, incomplete=[])
+    if ceilings:
+        result.update(ceilings=ceilings, floor_totals={})
     finished = set()
     configs = configs if dw.AVAILABLE else None
     directions = {'forward', 'input grad', 'weight grad'}
+    itemsize = torch.empty((), dtype=dtype).element_size()
     try:
-        for model, k, stages in (TINY_LAYERS if tiny else LAYERS):
-            for batch, side in (TINY_SHAPES if tiny else SHAPES):
-                key = f'{model} {k}x{k}, batch {batch} at {side}x{side}'
-                for s, (c, blocks) in enumerate(stages):
-                    if time.perf_counter() - start > budget:
-                        rows.append(dict(layer=key, stage=s + 1, skipped=f'over the {budget:.0f} s budget'))
-                        incomplete.add(key)
-                        continue
-                    hw = side // 2 ** (s + 2)
-                    row = dict(layer=key, stage=s + 1, shape=[batch, c, hw, hw], kernel=k, blocks=blocks,
-                               gflop=2 * k * k * batch * c * hw * hw / 1e9)
-                    rows.append(row)
-                    try:
-                        time_layer(batch, c, hw, k, device, dtype, configs, 1 if tiny else 20,
-                                   out=row.setdefault('times', {}))
-                    except Exception as exc:  # e.g. out of memory: the other layers still count
-                        row['raised'] = one_line(exc)
-                        print(f'{key:<44} stage {s + 1}: raised {row["raised"]}', flush=True)
-                        incomplete.add(key)
-                        result['incomplete'] = sorted(incomplete)
-                        save()
-                        release(device)
-                        continue
-                    print_row(row)
-                    for impl, t in row['times'].items():
-                        total = totals.setdefault(key, {}).setdefault(impl, 0.0)
-                        totals[key][impl] = total + blocks * sum(t[d] for d in directions) \
-                            if total is not None and directions <= set(t) else None
+        for key, layer_rows in layers(tiny):
+            for row in layer_rows:
+                if time.perf_counter() - start > budget:
+                    rows.append(dict(layer=key, stage=row['stage'], skipped=f'over the {budget:.0f} s budget'))
+                    incomplete.add(key)
+                    continue
+                rows.append(row)
+                if ceilings:
+                    row['floor_ms'], row['bound'] = floor_ms(row, ceilings, itemsize)
+                    result['floor_totals'][key] = result['floor_totals'].get(key, 0.0) \
+                        + 3 * row['blocks'] * row['floor_ms']
+                batch, c, hw, _ = row['shape']
+                try:
+                    time_layer(batch, c, hw, row['kernel'], device, dtype, configs, 1 if tiny else 20,
+                               out=row.setdefault('times', {}))
+                except Exception as exc:  # e.g. out of memory: the other layers still count
+                    row['raised'] = one_line(exc)
+                    print(f'{key:<44} stage {row["stage"]}: raised {row["raised"]}', flush=True)
+                    incomplete.add(key)
+                    result['incomplete'] = sorted(incomplete)
                     save()
-                finished.add(key)
-                if key in totals or key in incomplete:
-                    print(f'  {key}: all blocks, forward + both gradients: ' + ', '.join(
-                        f'{impl} {ms:.2f} ms' if ms is not None else f'{impl} (not every direction)'
-                        for impl, ms in totals.get(key, {}).items())
-                        + (' (a layer raised or was skipped: sums incomplete)' if key in incomplete else ''),
-                        flush=True)
+                    release(device)
+                    continue
+                print_row(row)
+                for impl, t in row['times'].items():
+                    total = totals.setdefault(key, {}).setdefault(impl, 0.0)
+                    totals[key][impl] = total + row['blocks'] * sum(t[d] for d in directions) \
+                        if total is not None and directions <= set(t) else None
+                save()
+            finished.add(key)
+            if key in totals or key in incomplete:
+                floor = result.get('floor_totals', {}).get(key)
+                print(f'  {key}: all blocks, forward + both gradients: ' + ', '.join(
+                    f'{impl} {ms:.2f} ms' if ms is not None else f'{impl} (not every direction)'
+                    for impl, ms in totals.get(key, {}).items())
+                    + ('' if floor is None else f'; floor {floor:.2f} ms')
+                    + (' (a layer raised or was skipped: sums incomplete)' if key in incomplete else ''),
+                    flush=True)
     except DeviceLost as exc:
         result['device_lost'] = str(exc)
         print(f'# the GPU stopped answering ({exc}): no more timings', flush=True)
-        incomplete |= {f'{m} {k}x{k}, batch {b} at {side}x{side}' for m, k, _ in (TINY_LAYERS if tiny else LAYERS)
-                       for b, side in (TINY_SHAPES if tiny else SHAPES)} - finished
+        incomplete |= {key for key, _ in layers(tiny)} - finished
     result['incomplete'] = sorted(incomplete)
     return result
 
 
 def print_row(row: Dict[str, Any]) -> None:
     b, c, h, w = row['shape']
-    print(f'{row["layer"]:<44} stage {row["stage"]} [{b}, {c}, {h}, {w}] x{row["blocks"]}', flush=True)
+    floor = row.get('floor_ms')
+    print(f'{row["layer"]:<44} stage {row["stage"]} [{b}, {c}, {h}, {w}] x{row["blocks"]}'
+          + ('' if floor is None else f', floor {floor:.3f} ms per direction ({row["bound"]})'), flush=True)
     for impl, t in row['times'].items():
-        cells = '  '.join(f'{d} {t[d]:7.3f} ms ({row["gflop"] / t[d]:6.1f} TFLOP/s)'
+        cells = '  '.join(f'{d} {t[d]:7.3f} ms ({row["gflop"] / t[d]:6.1f} TFLOP/s'
+                          + ('' if floor is None else f', {t[d] / floor:5.1f}x floor') + ')'
                           for d in ('forward', 'input grad', 'weight grad') if d in t)
         print(f'    {impl:<22} {cells}', flush=True)
         for r in t.get('raised', []):
@@ -368,8 +463,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument('--resources', action='store_true',
                         help='no GPU needed: compile every Triton kernel variant for sm_90 (H100/H200) and '
                              'print its registers, spills (local memory) and shared memory, then stop')
+    parser.add_argument('--floors', metavar='GPU|GBPS,TFLOPS',
+                        help='no GPU needed: print the floors of the layers and the per-model sums (bf16) at a '
+                             f'GPU\'s datasheet ceilings ({", ".join(DATASHEETS)}) or at the given device-memory '
+                             'GB/s and fp32 TFLOP/s, then stop')
     parser.add_argument('--json', metavar='PATH', help='also write the results to this JSON file')
     args = parser.parse_args(argv)
+    if args.floors:
+        try:
+            bandwidth, rate = DATASHEETS[args.floors] if args.floors in DATASHEETS else \
+                (float(v) for v in args.floors.split(','))
+            if not (bandwidth > 0 and rate > 0):
+                raise ValueError
+        except ValueError:
+            parser.error(f'--floors {args.floors}: give one of {", ".join(DATASHEETS)} or two numbers, '
+                         'GB/s and TFLOP/s, e.g. --floors 3350,67')
+        return print_floors(dict(copy_gbps=bandwidth, fp32_tflops=rate), args.floors, args.json)
     if args.resources:
         if not dw.AVAILABLE or dw.INTERPRETED:
             parser.error('--resources needs Triton (and torch >= 2.4), without TRITON_INTERPRET=1')
@@ -413,16 +522,58 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         save_results(result, args.json)
     failed = [c for c in result['checks'] if not c['passed']]
     if (not cpu or args.tiny) and 'device_lost' not in result:
+        ceilings = ceilings_or_none(args.device, cpu, result)
+    if (not cpu or args.tiny) and 'device_lost' not in result:
         torch.backends.cudnn.benchmark = True
         configs = passing_configs(result['checks'])
         if failed:  # a block shape that failed a check is not timed
             print(f'# Triton checks failed: timing only the block shapes that passed, {configs}', flush=True)
         left = args.budget - (time.perf_counter() - start)
         probe(args.device, dtype, left, args.tiny, configs, out=result,
-              save=lambda: save_results(result, args.json))
+              save=lambda: save_results(result, args.json), ceilings=ceilings)
     result['failed'] = failures(result)
     result['triton_default_ok'] = triton_default_ok(result)
     save_results(result, args.json)
+    return result
+
+
+def ceilings_or_none(device: str, tiny: bool, result: Dict[str, Any]) -> Optional[Dict[str, float]]:
+    """:func:`measure_ceilings`, printed; None where they raised (then the
+    layers are timed without floors), with ``device_lost`` set in ``result``
+    if the GPU stopped answering."""
+    try:
+        ceilings = measure_ceilings(device, tiny)
+    except Exception as exc:
+        result['ceilings_raised'] = one_line(exc)
+        print(f'# the ceilings raised {result["ceilings_raised"]}: no floors', flush=True)
+        try:
+            release(device)
+        except DeviceLost as lost:
+            result['device_lost'] = str(lost)
+            print(f'# the GPU stopped answering ({lost}): no timings', flush=True)
+        return None
+    print(f'# ceilings measured here{" (tiny sizes: code path only)" if tiny else ""}: copy '
+          f'{ceilings["copy_gbps"]:.0f} GB/s, fp32 matrix product (no TF32) {ceilings["fp32_tflops"]:.1f} '
+          f'TFLOP/s, bf16 {ceilings["bf16_tflops"]:.0f} TFLOP/s', flush=True)
+    return ceilings
+
+
+def print_floors(ceilings: Dict[str, float], label: str, path: Optional[str]) -> Dict[str, Any]:
+    """``--floors``: each layer's floor and each model's sum at ``ceilings``."""
+    print(f'# floors at {label}: {ceilings["copy_gbps"]:.0f} GB/s, {ceilings["fp32_tflops"]:.1f} fp32 TFLOP/s; '
+          'bf16 data; per direction, and per training step (forward + both gradients, every block)')
+    rows = []
+    for key, layer_rows in layers(False):
+        for row in layer_rows:
+            row['floor_ms'], row['bound'] = floor_ms(row, ceilings, 2)
+            rows.append(row)
+            print(f'{key:<44} stage {row["stage"]} {row["shape"]} x{row["blocks"]}: '
+                  f'{row["floor_ms"]:.3f} ms ({row["bound"]})')
+    totals = predicted_floors(ceilings)
+    for key, ms in totals.items():
+        print(f'  {key}: {ms:.2f} ms per training step')
+    result = dict(floors_at=label, ceilings=ceilings, rows=rows, floor_totals=totals, failed=0)
+    save_results(result, path)
     return result
 
 
