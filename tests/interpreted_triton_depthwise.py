@@ -134,9 +134,9 @@ def test_selective_checkpointing_stores_the_operators_large_kernel_output(monkey
     calls = []
     forward = dw.forward_nhwc
 
-    def counting(x, weight, bias=None, config=dw.FORWARD_CONFIG):
+    def counting(x, weight, bias=None, config=dw.FORWARD_CONFIG, out=None):
         calls.append(weight.shape[-1])
-        return forward(x, weight, bias, config)
+        return forward(x, weight, bias, config, out)
     monkeypatch.setattr(dw, 'forward_nhwc', counting)
     counts = {}
     for recompute in (False, True):
