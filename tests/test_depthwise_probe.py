@@ -34,9 +34,13 @@ def test_triton_kernels_match_fp64_under_the_interpreter(tmp_path, triton_interp
     done = run_python([PROBE, '--device', 'cpu', '--json', path])
     assert done.returncode == 0, done.stdout + done.stderr
     checks = json.load(open(path))['checks']
-    # 2 shapes x 2 dtypes x (forward and input grad in two block shapes, one of several rows; weight grad)
-    assert len(checks) == 20 and all(c['passed'] for c in checks)
+    # 2 shapes x (bf16, the timed dtype: forward and input grad in two block shapes, one of several
+    # rows, and weight grad; fp32: the package's block shapes only)
+    assert len(checks) == 2 * (5 + 3) and all(c['passed'] for c in checks)
     assert {tuple(c['config'])[0] for c in checks if c['direction'] == 'forward'} == {1, 4}
+    probe = runpy.run_path(PROBE)
+    assert {tuple(c['config']) for c in checks if c['dtype'] == 'torch.float32'} \
+        == {tuple(probe['FORWARD_CONFIGS'][0]), tuple(probe['WGRAD_CONFIGS'][0])}
     assert {c['direction'] for c in checks} == {'forward', 'input grad', 'weight grad'}
     assert max(c['error'] for c in checks if c['dtype'] == 'torch.float32') < 1e-6
     assert '[FAILED]' not in done.stdout
