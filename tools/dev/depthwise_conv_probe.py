@@ -303,12 +303,12 @@ def layers(tiny: bool) -> Iterator[Tuple[str, List[Dict[str, Any]]]]:
             yield key, rows
 
 
-def predicted_floors(ceilings: Dict[str, float], itemsize: int = 2) -> Dict[str, float]:
+def predicted_floors(ceilings: Dict[str, float], itemsize: int = 2, tiny: bool = False) -> Dict[str, float]:
     """Per model and batch shape, the milliseconds a training step must spend
     in depthwise convolutions (forward and both gradients of every block) at
     these ceilings: the prediction a run's sums are measured against."""
     return {key: sum(3 * row['blocks'] * floor_ms(row, ceilings, itemsize)[0] for row in rows)
-            for key, rows in layers(False)}
+            for key, rows in layers(tiny)}
 
 
 def time_direction(times: Dict[str, Any], impl: str, direction: str, fn: Callable[[], Any], device: str,
@@ -384,14 +384,14 @@ def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False,
     ``device_lost``. Rows, sums and ``incomplete`` go into ``out``
     (returned); ``save`` is called after each layer."""
     start, rows, totals, incomplete = time.perf_counter(), [], {}, set()
+    itemsize = torch.empty((), dtype=dtype).element_size()
     result = {} if out is None else out
     result.update(rows=rows, totals=totals, incomplete=[])
     if ceilings:
-        result.update(ceilings=ceilings, floor_totals={})
+        result.update(ceilings=ceilings, floor_totals=predicted_floors(ceilings, itemsize, tiny))
     finished = set()
     configs = configs if dw.AVAILABLE else None
     directions = {'forward', 'input grad', 'weight grad'}
-    itemsize = torch.empty((), dtype=dtype).element_size()
     try:
         for key, layer_rows in layers(tiny):
             for row in layer_rows:
@@ -402,8 +402,6 @@ def probe(device: str, dtype: torch.dtype, budget: float, tiny: bool = False,
                 rows.append(row)
                 if ceilings:
                     row['floor_ms'], row['bound'] = floor_ms(row, ceilings, itemsize)
-                    result['floor_totals'][key] = result['floor_totals'].get(key, 0.0) \
-                        + 3 * row['blocks'] * row['floor_ms']
                 batch, c, hw, _ = row['shape']
                 try:
                     time_layer(batch, c, hw, row['kernel'], device, dtype, configs, 1 if tiny else 20,
@@ -528,7 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         save_results(result, args.json)
     failed = [c for c in result['checks'] if not c['passed']]
     if (not cpu or args.tiny) and 'device_lost' not in result:
-        ceilings = ceilings_or_none(args.device, cpu, result)
+        ceilings = ceilings_or_none(args.device, cpu, result)  # may find the GPU lost
     if (not cpu or args.tiny) and 'device_lost' not in result:
         torch.backends.cudnn.benchmark = True
         configs = passing_configs(result['checks'])
