@@ -66,6 +66,21 @@ def test_forward_kernel_writes_every_element_of_its_output(config):
         assert relative_error(got, want.permute(0, 2, 3, 1)) < 1e-6
 
 
+@pytest.mark.parametrize('k,config,programs', [(11, dw.WEIGHT_GRAD_CONFIG, None), (5, (4, 16, 2), 5)])
+def test_weight_gradient_sums_every_tap(k, config, programs):
+    """Against PyTorch's weight gradient in fp32: the taps go to programs in
+    blocks of K rounded up to a power of two, in flat order (K = 11: eight
+    blocks of 16 for 121 taps; K = 5: four of 8 for 25, the last with one),
+    so blocks span two kernel rows and the last is short; an image shorter
+    than the 11x11 kernel, so that some taps meet image rows only for some
+    output rows; rows split unevenly across programs (``programs=5``)."""
+    x, dy = nhwc(2, 7, 13, 20), nhwc(2, 7, 13, 20)
+    want = torch.nn.grad.conv2d_weight(x.permute(0, 3, 1, 2), (20, 1, k, k), dy.permute(0, 3, 1, 2),
+                                       padding=k // 2, groups=20)
+    got = dw.weight_grad_nhwc(x, dy, k, config, programs)
+    assert got.shape == want.shape and relative_error(got, want) < 1e-5
+
+
 def test_an_output_that_does_not_fit_is_refused_by_name():
     x, w = nhwc(1, 5, 6, 16), torch.randn(16, 1, 3, 3)
     for out, problem in ((torch.empty(1, 5, 6, 8), r'\(1, 5, 6, 8\)'), (torch.empty(1, 5, 6, 16).double(), 'float64'),

@@ -24,9 +24,10 @@ The kernels compute in fp32 from bf16, fp16 or fp32 data:
 * input gradient: for an odd kernel with "same" padding, dL/dx is dL/dy
   convolved with the kernel turned by 180 degrees, so the forward kernel
   serves;
-* weight gradient: a program takes one kernel row, a block of channels and a
-  slice of the N * H output rows, loads each output pixel's K input pixels
-  as one tile, and atomically adds its fp32 partial sums.
+* weight gradient: a program takes a block of kernel taps (in row-major
+  order, so that only the last block is short), a block of channels and a
+  slice of the N * H output rows, loads each output pixel's input pixels
+  under those taps as one tile, and atomically adds its fp32 partial sums.
 
 Where Triton, CUDA or ``torch.library.custom_op`` (torch >= 2.4) is absent,
 or the convolution is not one the kernels cover (stride 1, dilation 1, odd
@@ -101,31 +102,39 @@ if triton is not None:
 
     @triton.jit
     def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, H, W, C, ROWS, ROWS_PER_PROGRAM, K: tl.constexpr,
-                            K_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        # dw[kh, :, c0:c0+BC] (fp32, (K*K, C)) over output rows [s * RPP, (s + 1) * RPP).
-        kh = tl.program_id(0)
+                            BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # dw[t0:t0+BT, c0:c0+BC] (fp32, (K*K, C), tap t = kh * K + kw) over output rows
+        # [s * RPP, (s + 1) * RPP). BLOCK_T is K rounded up to a power of two (a block's
+        # size must be one). The taps are cut into blocks in their flat order, not one
+        # kernel row per block, so that only the last block has idle lanes: at K = 11,
+        # 8 blocks of 16 for 121 taps, against 11 rows padded to 16 (176), and as few
+        # as one row per block at every K.
+        taps = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tap_ok = taps < K * K
+        off_h = taps // K - K // 2  # each tap's input pixel, from the output pixel
+        off_w = taps % K - K // 2
         c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = c_offs < C
-        kw = tl.arange(0, K_PAD)
-        acc = tl.zeros((K_PAD, BLOCK_W, BLOCK_C), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_T, BLOCK_W, BLOCK_C), dtype=tl.float32)
         first = tl.program_id(2) * ROWS_PER_PROGRAM
         last = tl.minimum(first + ROWS_PER_PROGRAM, ROWS)
         for row in range(first, last):
             n = row // H
-            ih = row % H + kh - K // 2
-            row_ok = (ih >= 0) & (ih < H)
-            x_row = x_ptr + (n * H + ih) * W * C
+            ih = row % H + off_h
+            tap_row_ok = tap_ok & (ih >= 0) & (ih < H)
+            x_rows = (n * H + ih) * W  # each tap's input row, in pixels
             dy_row = dy_ptr + row * W * C
             for w0 in range(0, W, BLOCK_W):
                 w_offs = w0 + tl.arange(0, BLOCK_W)
                 dy = tl.load(dy_row + w_offs[:, None] * C + c_offs[None, :],
                              mask=(w_offs < W)[:, None] & c_mask[None, :], other=0.0)
-                iw = w_offs[None, :, None] + kw[:, None, None] - K // 2
-                mask = row_ok & (iw >= 0) & (iw < W) & (kw < K)[:, None, None] & c_mask[None, None, :]
-                xv = tl.load(x_row + iw * C + c_offs[None, None, :], mask=mask, other=0.0)
+                iw = w_offs[None, :] + off_w[:, None]
+                mask = (tap_row_ok[:, None] & (iw >= 0) & (iw < W))[:, :, None] & c_mask[None, None, :]
+                xv = tl.load(x_ptr + (x_rows[:, None] + iw)[:, :, None] * C + c_offs[None, None, :], mask=mask,
+                             other=0.0)
                 acc += xv.to(tl.float32) * dy.to(tl.float32)[None, :, :]
-        tl.atomic_add(dw_ptr + (kh * K + kw)[:, None] * C + c_offs[None, :], tl.sum(acc, axis=1),
-                      mask=(kw < K)[:, None] & c_mask[None, :])
+        tl.atomic_add(dw_ptr + taps[:, None] * C + c_offs[None, :], tl.sum(acc, axis=1),
+                      mask=tap_ok[:, None] & c_mask[None, :])
 
 
 # ---------------------------------------------------------------------------- kernel launchers
@@ -175,15 +184,17 @@ def weight_grad_nhwc(x: torch.Tensor, dy: torch.Tensor, k: int, config: Sequence
     x, dy = x.contiguous(), dy.contiguous()
     n, h, w, c = x.shape
     block_w, block_c, warps = config
+    block_t = triton.next_power_of_2(k)
     if programs is None:  # about four waves of the GPU; on a CPU (the interpreter) enough to split rows
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
     rows = n * h
-    splits = max(1, min(rows, triton.cdiv(programs, k * triton.cdiv(c, block_c))))
+    tap_blocks = triton.cdiv(k * k, block_t)
+    splits = max(1, min(rows, triton.cdiv(programs, tap_blocks * triton.cdiv(c, block_c))))
     per_program = triton.cdiv(rows, splits)
     dw = torch.zeros(k * k, c, device=x.device, dtype=torch.float32)
-    grid = (k, triton.cdiv(c, block_c), triton.cdiv(rows, per_program))
+    grid = (tap_blocks, triton.cdiv(c, block_c), triton.cdiv(rows, per_program))
     with _on(x.device):
-        _weight_grad_kernel[grid](x, dy, dw, h, w, c, rows, per_program, K=k, K_PAD=triton.next_power_of_2(k),
+        _weight_grad_kernel[grid](x, dy, dw, h, w, c, rows, per_program, K=k, BLOCK_T=block_t,
                                   BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
     return dw.t().contiguous().view(c, 1, k, k)
 

@@ -30,6 +30,7 @@ code at tiny shapes). The operator becomes the default only if this table
 and gpu_benchmark.py's training rows show that it pays.
 """
 import argparse
+import itertools
 import os.path as osp
 import statistics
 import sys
@@ -170,7 +171,16 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
     without a GPU, with the ptxas and cuobjdump that Triton ships, and read
     each one's registers, local memory (spills) and shared memory: the
     compiler's report, which costs no GPU time. Needs a Triton that is not
-    interpreting."""
+    interpreting.
+
+    Each variant is compiled as a launch would specialise it: Triton marks a
+    pointer argument 16-byte aligned (as PyTorch's allocations are) and an
+    integer argument divisible by 16 where it is, and then loads channels in
+    16-byte vectors. So each variant is compiled twice, with aligned pointers
+    and a channel count ``C`` divisible by 16 (``c16``: Conv2Former-T's
+    stages 2-4 and every 4C layer, all of ConvNeXt-T's) and not (``c16``
+    False: its first stage, 72 channels).
+    """
     import subprocess
     import tempfile
     from triton.backends.compiler import GPUTarget
@@ -187,12 +197,14 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
                              dict(K=k, HAS_BIAS=True, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc), warps))
         for bw, bc, warps in WGRAD_CONFIGS:
             sig = dict(x_ptr=data, dy_ptr=data, dw_ptr='*fp32', **shapes, ROWS='i32', ROWS_PER_PROGRAM='i32',
-                       K='constexpr', K_PAD='constexpr', BLOCK_W='constexpr', BLOCK_C='constexpr')
+                       K='constexpr', BLOCK_T='constexpr', BLOCK_W='constexpr', BLOCK_C='constexpr')
             variants.append((dw._weight_grad_kernel, sig,
-                             dict(K=k, K_PAD=dw.triton.next_power_of_2(k), BLOCK_W=bw, BLOCK_C=bc), warps))
+                             dict(K=k, BLOCK_T=dw.triton.next_power_of_2(k), BLOCK_W=bw, BLOCK_C=bc), warps))
     results = []
-    for fn, sig, constants, warps in variants:
-        compiled = dw.triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants),
+    for (fn, sig, constants, warps), c16 in itertools.product(variants, (True, False)):
+        divisible = {(i,): [['tt.divisibility', 16]] for i, name in enumerate(sig)
+                     if name.endswith('_ptr') or (c16 and name == 'C')}
+        compiled = dw.triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=divisible),
                                      target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps))
         with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
             f.write(compiled.asm['cubin'])
@@ -201,11 +213,11 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
                                    check=True).stdout
         fields = dict(item.split(':') for item in usage.split('Function', 1)[1].split(':', 1)[1].split()
                       if item.count(':') == 1)
-        results.append(dict(kernel=fn.__name__.strip('_'), K=constants['K'], block_h=constants.get('BLOCK_H', 1),
-                            block_w=constants['BLOCK_W'],
-                            block_c=constants['BLOCK_C'], warps=warps, registers=int(fields['REG']),
-                            local_bytes=int(fields['LOCAL']), stack_bytes=int(fields['STACK']),
-                            shared_bytes=int(fields['SHARED'])))
+        # The block: output rows (forward) or kernel taps (weight gradient) x pixels x channels.
+        block = (constants.get('BLOCK_H', constants.get('BLOCK_T')), constants['BLOCK_W'], constants['BLOCK_C'])
+        results.append(dict(kernel=fn.__name__.strip('_'), K=constants['K'], block=block, warps=warps, c16=c16,
+                            registers=int(fields['REG']), local_bytes=int(fields['LOCAL']),
+                            stack_bytes=int(fields['STACK']), shared_bytes=int(fields['SHARED'])))
     return results
 
 
@@ -485,7 +497,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             parser.error('--resources needs Triton (and torch >= 2.4), without TRITON_INTERPRET=1')
         rows = hopper_resources(args.dtype)
         for r in rows:
-            print(f'{r["kernel"]:<20} K={r["K"]:<3} block {r["block_h"]} x {r["block_w"]:>2} x {r["block_c"]:<3} '
+            rows_or_taps = 'rows' if r['kernel'] == 'forward_kernel' else 'taps'
+            print(f'{r["kernel"]:<20} K={r["K"]:<3} block {r["block"][0]:>2} {rows_or_taps} x {r["block"][1]:>2} x '
+                  f'{r["block"][2]:<3} {"C = 16n" if r["c16"] else "other C"} '
                   f'{r["warps"]} warps: {r["registers"]:3d} registers, {r["local_bytes"]} B local (spills), '
                   f'{r["shared_bytes"]} B shared', flush=True)
         save_results(dict(triton=dw.triton.__version__, dtype=args.dtype, target='sm_90', kernels=rows), args.json)
