@@ -77,9 +77,9 @@ def test_every_kernel_variant_compiles_for_hopper_without_spilling(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     kernels = json.load(open(path))['kernels']
     probe = runpy.run_path(PROBE)
-    # K = 3, 7, 11; each with C divisible by 16 and not
+    # K = 3, 7, 11; each for C divisible by 16 and for C = 72
     assert len(kernels) == 2 * 3 * (len(probe['FORWARD_CONFIGS']) + len(probe['WGRAD_CONFIGS']))
-    assert {(k['K'], k['c16']) for k in kernels} == {(k, c16) for k in (3, 7, 11) for c16 in (True, False)}
+    assert {(k['K'], k['c_div']) for k in kernels} == {(k, c_div) for k in (3, 7, 11) for c_div in (16, 8)}
     assert all(0 < k['registers'] <= 255 and k['local_bytes'] == 0 for k in kernels)
 
 

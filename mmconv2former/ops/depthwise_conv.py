@@ -39,6 +39,7 @@ tests do so). The Triton path supports one backward pass (double backward
 needs ``'torch'``).
 """
 import contextlib
+import math
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -66,11 +67,12 @@ AVAILABLE = triton is not None and hasattr(torch.library, 'custom_op')
 if triton is not None:
     @triton.jit
     def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                        C_DIV: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         # y[n, h0:h0+BH, w0:w0+BW, c0:c0+BC]; x and y (B, H, W, C) contiguous, w (K*K, C).
         # Each input row segment is loaded once per kw and serves the BLOCK_H
         # output rows whose windows hold it (BLOCK_H = 1: one row, every load
         # used once per tap; larger: fewer loads, some multiply-adds by zero).
+        C = (C // C_DIV) * C_DIV  # see _c_div
         pid = tl.program_id(0)  # n * cdiv(H, BLOCK_H) + row block
         row_blocks = tl.cdiv(H, BLOCK_H)
         n = pid // row_blocks
@@ -102,13 +104,15 @@ if triton is not None:
 
     @triton.jit
     def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, H, W, C, ROWS, ROWS_PER_PROGRAM, K: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                            C_DIV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
         # dw[t0:t0+BT, c0:c0+BC] (fp32, (K*K, C), tap t = kh * K + kw) over output rows
         # [s * RPP, (s + 1) * RPP). BLOCK_T is K rounded up to a power of two (a block's
         # size must be one). The taps are cut into blocks in their flat order, not one
         # kernel row per block, so that only the last block has idle lanes: at K = 11,
         # 8 blocks of 16 for 121 taps, against 11 rows padded to 16 (176), and as few
         # as one row per block at every K.
+        C = (C // C_DIV) * C_DIV  # see _c_div
         taps = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         tap_ok = taps < K * K
         off_h = taps // K - K // 2  # each tap's input pixel, from the output pixel
@@ -138,6 +142,16 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------- kernel launchers
+def _c_div(c: int) -> int:
+    """The largest power of two up to 16 that divides the channel count, for
+    the kernels' ``C_DIV``: with it, Triton can prove that channel vectors
+    start 16 bytes apart and load them as vectors. Triton notices by itself
+    only a count divisible by 16, not Conv2Former-T's first stage's 72
+    (``C = (C // C_DIV) * C_DIV`` in the kernel is what tells it; without it
+    that stage loads one element per instruction)."""
+    return math.gcd(c, 16)
+
+
 def _on(device: torch.device):
     """Launch on ``device`` (Triton launches on the current CUDA device)."""
     return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
@@ -166,8 +180,8 @@ def forward_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     grid = (n * triton.cdiv(h, block_h), triton.cdiv(w, block_w), triton.cdiv(c, block_c))
     with _on(x.device):
         _forward_kernel[grid](x, taps, taps if bias is None else bias.contiguous(), y, h, w, c, K=k,
-                              HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c,
-                              num_warps=warps)
+                              HAS_BIAS=bias is not None, C_DIV=_c_div(c), BLOCK_H=block_h, BLOCK_W=block_w,
+                              BLOCK_C=block_c, num_warps=warps)
     return y
 
 
@@ -194,8 +208,8 @@ def weight_grad_nhwc(x: torch.Tensor, dy: torch.Tensor, k: int, config: Sequence
     dw = torch.zeros(k * k, c, device=x.device, dtype=torch.float32)
     grid = (tap_blocks, triton.cdiv(c, block_c), triton.cdiv(rows, per_program))
     with _on(x.device):
-        _weight_grad_kernel[grid](x, dy, dw, h, w, c, rows, per_program, K=k, BLOCK_T=block_t,
-                                  BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+        _weight_grad_kernel[grid](x, dy, dw, h, w, c, rows, per_program, K=k, C_DIV=_c_div(c),
+                                  BLOCK_T=block_t, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
     return dw.t().contiguous().view(c, 1, k, k)
 
 

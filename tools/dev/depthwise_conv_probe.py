@@ -173,13 +173,13 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
     compiler's report, which costs no GPU time. Needs a Triton that is not
     interpreting.
 
-    Each variant is compiled as a launch would specialise it: Triton marks a
+    Each variant is compiled as a launch specialises it: Triton marks a
     pointer argument 16-byte aligned (as PyTorch's allocations are) and an
-    integer argument divisible by 16 where it is, and then loads channels in
-    16-byte vectors. So each variant is compiled twice, with aligned pointers
-    and a channel count ``C`` divisible by 16 (``c16``: Conv2Former-T's
-    stages 2-4 and every 4C layer, all of ConvNeXt-T's) and not (``c16``
-    False: its first stage, 72 channels).
+    integer argument divisible by 16 where it is; the launcher passes
+    ``C_DIV``, the power of two up to 16 that divides the channel count. So
+    each variant is compiled twice: for ``C`` divisible by 16 (``c_div`` 16:
+    Conv2Former-T's stages 2-4 and every 4C layer, all of ConvNeXt-T's) and
+    for 72 channels (``c_div`` 8: Conv2Former-T's first stage).
     """
     import subprocess
     import tempfile
@@ -192,18 +192,21 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
     for k in sorted({k for _, k, _ in LAYERS}):
         for bh, bw, bc, warps in FORWARD_CONFIGS:
             sig = dict(x_ptr=data, w_ptr=data, b_ptr=data, y_ptr=data, **shapes, K='constexpr',
-                       HAS_BIAS='constexpr', BLOCK_H='constexpr', BLOCK_W='constexpr', BLOCK_C='constexpr')
+                       HAS_BIAS='constexpr', C_DIV='constexpr', BLOCK_H='constexpr', BLOCK_W='constexpr',
+                       BLOCK_C='constexpr')
             variants.append((dw._forward_kernel, sig,
                              dict(K=k, HAS_BIAS=True, BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc), warps))
         for bw, bc, warps in WGRAD_CONFIGS:
             sig = dict(x_ptr=data, dy_ptr=data, dw_ptr='*fp32', **shapes, ROWS='i32', ROWS_PER_PROGRAM='i32',
-                       K='constexpr', BLOCK_T='constexpr', BLOCK_W='constexpr', BLOCK_C='constexpr')
+                       K='constexpr', C_DIV='constexpr', BLOCK_T='constexpr', BLOCK_W='constexpr',
+                       BLOCK_C='constexpr')
             variants.append((dw._weight_grad_kernel, sig,
                              dict(K=k, BLOCK_T=dw.triton.next_power_of_2(k), BLOCK_W=bw, BLOCK_C=bc), warps))
     results = []
-    for (fn, sig, constants, warps), c16 in itertools.product(variants, (True, False)):
+    for (fn, sig, constants, warps), c_div in itertools.product(variants, (16, 8)):
         divisible = {(i,): [['tt.divisibility', 16]] for i, name in enumerate(sig)
-                     if name.endswith('_ptr') or (c16 and name == 'C')}
+                     if name.endswith('_ptr') or (c_div == 16 and name == 'C')}
+        constants = dict(constants, C_DIV=c_div)
         compiled = dw.triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=divisible),
                                      target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps))
         with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
@@ -215,7 +218,7 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
                       if item.count(':') == 1)
         # The block: output rows (forward) or kernel taps (weight gradient) x pixels x channels.
         block = (constants.get('BLOCK_H', constants.get('BLOCK_T')), constants['BLOCK_W'], constants['BLOCK_C'])
-        results.append(dict(kernel=fn.__name__.strip('_'), K=constants['K'], block=block, warps=warps, c16=c16,
+        results.append(dict(kernel=fn.__name__.strip('_'), K=constants['K'], block=block, warps=warps, c_div=c_div,
                             registers=int(fields['REG']), local_bytes=int(fields['LOCAL']),
                             stack_bytes=int(fields['STACK']), shared_bytes=int(fields['SHARED'])))
     return results
@@ -499,7 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for r in rows:
             rows_or_taps = 'rows' if r['kernel'] == 'forward_kernel' else 'taps'
             print(f'{r["kernel"]:<20} K={r["K"]:<3} block {r["block"][0]:>2} {rows_or_taps} x {r["block"][1]:>2} x '
-                  f'{r["block"][2]:<3} {"C = 16n" if r["c16"] else "other C"} '
+                  f'{r["block"][2]:<3} {"C = 16n" if r["c_div"] == 16 else "C = 72  "} '
                   f'{r["warps"]} warps: {r["registers"]:3d} registers, {r["local_bytes"]} B local (spills), '
                   f'{r["shared_bytes"]} B shared', flush=True)
         save_results(dict(triton=dw.triton.__version__, dtype=args.dtype, target='sm_90', kernels=rows), args.json)
