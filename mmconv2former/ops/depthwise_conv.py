@@ -110,8 +110,8 @@ if triton is not None:
         # [s * RPP, (s + 1) * RPP). BLOCK_T is K rounded up to a power of two (a block's
         # size must be one). The taps are cut into blocks in their flat order, not one
         # kernel row per block, so that only the last block has idle lanes: at K = 11,
-        # 8 blocks of 16 for 121 taps, against 11 rows padded to 16 (176), and as few
-        # as one row per block at every K.
+        # 8 blocks of 16 for 121 taps, against 11 rows padded to 16 (176); at no K
+        # more than a row per block would have.
         C = (C // C_DIV) * C_DIV  # see _c_div
         taps = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         tap_ok = taps < K * K
@@ -144,11 +144,11 @@ if triton is not None:
 # ---------------------------------------------------------------------------- kernel launchers
 def _c_div(c: int) -> int:
     """The largest power of two up to 16 that divides the channel count, for
-    the kernels' ``C_DIV``: with it, Triton can prove that channel vectors
-    start 16 bytes apart and load them as vectors. Triton notices by itself
-    only a count divisible by 16, not Conv2Former-T's first stage's 72
-    (``C = (C // C_DIV) * C_DIV`` in the kernel is what tells it; without it
-    that stage loads one element per instruction)."""
+    the kernels' ``C_DIV``. With it Triton can prove that each pixel's
+    channels start on a multiple of ``C_DIV`` elements, and so loads them as
+    vectors. By itself Triton notices only a count divisible by 16, not
+    Conv2Former-T's first stage's 72; without the hint (``C = (C // C_DIV) *
+    C_DIV`` in the kernels) that stage loads one element per instruction."""
     return math.gcd(c, 16)
 
 
