@@ -81,6 +81,9 @@ def test_every_kernel_variant_compiles_for_hopper_without_spilling(tmp_path):
     assert len(kernels) == 2 * 3 * (len(probe['FORWARD_CONFIGS']) + len(probe['WGRAD_CONFIGS']))
     assert {(k['K'], k['c_div']) for k in kernels} == {(k, c_div) for k in (3, 7, 11) for c_div in (16, 8)}
     assert all(0 < k['registers'] <= 255 and k['local_bytes'] == 0 for k in kernels)
+    # Channels load as vectors (bf16: 4 or 8 at once), also at 72 channels, where only the
+    # kernels' C_DIV tells Triton that each pixel's channels start on a vector boundary.
+    assert all(k['widest_load_bytes'] >= 8 for k in kernels)
 
 
 def test_the_check_fails_a_kernel_that_leaves_one_element_unwritten():

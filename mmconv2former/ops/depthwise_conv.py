@@ -152,6 +152,12 @@ def _c_div(c: int) -> int:
     return math.gcd(c, 16)
 
 
+def _tap_block(k: int) -> int:
+    """Kernel taps per weight-gradient program: K rounded up to a power of two
+    (see ``_weight_grad_kernel``)."""
+    return triton.next_power_of_2(k)
+
+
 def _on(device: torch.device):
     """Launch on ``device`` (Triton launches on the current CUDA device)."""
     return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
@@ -198,7 +204,7 @@ def weight_grad_nhwc(x: torch.Tensor, dy: torch.Tensor, k: int, config: Sequence
     x, dy = x.contiguous(), dy.contiguous()
     n, h, w, c = x.shape
     block_w, block_c, warps = config
-    block_t = triton.next_power_of_2(k)
+    block_t = _tap_block(k)
     if programs is None:  # about four waves of the GPU; on a CPU (the interpreter) enough to split rows
         programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 64
     rows = n * h

@@ -32,6 +32,7 @@ and gpu_benchmark.py's training rows show that it pays.
 import argparse
 import itertools
 import os.path as osp
+import re
 import statistics
 import sys
 import time
@@ -201,9 +202,9 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
                        K='constexpr', C_DIV='constexpr', BLOCK_T='constexpr', BLOCK_W='constexpr',
                        BLOCK_C='constexpr')
             variants.append((dw._weight_grad_kernel, sig,
-                             dict(K=k, BLOCK_T=dw.triton.next_power_of_2(k), BLOCK_W=bw, BLOCK_C=bc), warps))
+                             dict(K=k, BLOCK_T=dw._tap_block(k), BLOCK_W=bw, BLOCK_C=bc), warps))
     results = []
-    for (fn, sig, constants, warps), c_div in itertools.product(variants, (16, 8)):
+    for (fn, sig, constants, warps), c_div in itertools.product(variants, (16, dw._c_div(72))):
         divisible = {(i,): [['tt.divisibility', 16]] for i, name in enumerate(sig)
                      if name.endswith('_ptr') or (c_div == 16 and name == 'C')}
         constants = dict(constants, C_DIV=c_div)
@@ -216,11 +217,16 @@ def hopper_resources(dtype: str = 'bf16') -> List[Dict[str, Any]]:
                                    check=True).stdout
         fields = dict(item.split(':') for item in usage.split('Function', 1)[1].split(':', 1)[1].split()
                       if item.count(':') == 1)
+        # The widest global load, in bytes (e.g. ld.global.v2.b32: 8): whether channels load as vectors.
+        widest = max((int(v or 1) * int(bits) // 8
+                      for v, bits in re.findall(r'ld\.global[^\s;]*?(?:\.v(\d))?\.[bfsu](\d+)\b',
+                                                compiled.asm['ptx'])), default=0)
         # The block: output rows (forward) or kernel taps (weight gradient) x pixels x channels.
         block = (constants.get('BLOCK_H', constants.get('BLOCK_T')), constants['BLOCK_W'], constants['BLOCK_C'])
         results.append(dict(kernel=fn.__name__.strip('_'), K=constants['K'], block=block, warps=warps, c_div=c_div,
                             registers=int(fields['REG']), local_bytes=int(fields['LOCAL']),
-                            stack_bytes=int(fields['STACK']), shared_bytes=int(fields['SHARED'])))
+                            stack_bytes=int(fields['STACK']), shared_bytes=int(fields['SHARED']),
+                            widest_load_bytes=widest))
     return results
 
 
@@ -504,7 +510,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f'{r["kernel"]:<20} K={r["K"]:<3} block {r["block"][0]:>2} {rows_or_taps} x {r["block"][1]:>2} x '
                   f'{r["block"][2]:<3} {"C = 16n" if r["c_div"] == 16 else "C = 72  "} '
                   f'{r["warps"]} warps: {r["registers"]:3d} registers, {r["local_bytes"]} B local (spills), '
-                  f'{r["shared_bytes"]} B shared', flush=True)
+                  f'{r["shared_bytes"]} B shared, loads up to {r["widest_load_bytes"]} B', flush=True)
         save_results(dict(triton=dw.triton.__version__, dtype=args.dtype, target='sm_90', kernels=rows), args.json)
         return dict(failed=0, kernels=rows)
     cpu = args.device == 'cpu'
