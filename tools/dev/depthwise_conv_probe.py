@@ -49,8 +49,8 @@ from mmconv2former.ops import depthwise_conv as dw  # noqa: E402
 #: (model, kernel, [(channels, blocks) per stage]) for the two models' depthwise convolutions.
 LAYERS = [
     ('Conv2Former-T', 11, [(72, 3), (144, 3), (288, 12), (576, 3)]),   # the modulation's large kernel
+    ('ConvNeXt-T', 7, [(96, 3), (192, 3), (384, 9), (768, 3)]),         # its peer, before what --budget cuts
     ('Conv2Former-T', 3, [(288, 3), (576, 3), (1152, 12), (2304, 3)]),  # the MLP's 3x3 on 4C channels
-    ('ConvNeXt-T', 7, [(96, 3), (192, 3), (384, 9), (768, 3)]),
 ]
 #: (batch, input side) of the training steps; stage s works at side / 2**(s+2).
 SHAPES = [(64, 224), (4, 1024)]

@@ -70,8 +70,9 @@ else
     timeout $((benchmark_budget + 40)) python3 tools/analysis/gpu_benchmark.py --budget "$benchmark_budget" \
         $triton_flag --json "$out/gpu_benchmark.json" 2>&1 | tee "$out/gpu_benchmark.log" || status=1
 fi
-# (On a CPU these skip: the command itself is what --cpu checks.)
-timeout "${CUDA_TESTS_TIMEOUT:-70}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_paths.py \
+# (On a CPU these skip: the command itself is what --cpu checks.) -v prints
+# each test's result as it ends, so a run the timeout stops still says which passed.
+timeout "${CUDA_TESTS_TIMEOUT:-70}" python3 -m pytest -v -p no:cacheprovider -rs tests/test_gpu_paths.py \
     -k cuda 2>&1 | tee "$out/cuda_tests.log" || status=1
 rm -rf "$site"
 exit $status
